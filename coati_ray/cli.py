@@ -1,0 +1,68 @@
+"""The one CLI layer: flags -> config dataclasses -> a library call, and clean user errors.
+
+Errors the user caused (`CoatiError`: a bad flag, file, row, model path) print one message and
+exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, Sequence, TypeVar
+
+from coati_ray.errors import CoatiError
+
+T = TypeVar("T")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Quiet the libraries' per-load chatter; our own logger says what matters.
+    for noisy in ("transformers", "datasets", "ray", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def parse(dataclasses: Sequence[type], argv: Sequence[str] | None, description: str, positional: str | None = None):
+    """Parse flags into one instance of each dataclass (field names are the flag names)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(list(dataclasses), description=description)
+    parser.add_argument("--local", action="store_true",
+                        help="Run the single trainer in this process instead of as a Ray actor (debugging).")
+    if positional:
+        parser.add_argument(positional, nargs="?", default=None, help=f"Same as --{positional}.")
+    *parts, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False,
+                                                      look_for_args_file=False, args_file_flag=None)
+    return parts, extra
+
+
+def run_main(fn: Callable[[], T]) -> T:
+    """Run `fn`, turning user errors into one clear line (including ones raised inside Ray actors)."""
+    try:
+        return fn()
+    except CoatiError as e:
+        print(f"error: {_user_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a CoatiError raised in an actor arrives wrapped in RayTaskError
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, CoatiError):
+            print(f"error: {_user_message(cause)}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+def _user_message(e: BaseException) -> str:
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, CoatiError):
+        return str(cause)
+    msg = str(e)
+    return msg.split("\n")[0] if "Traceback" in msg else msg

@@ -1,0 +1,223 @@
+"""Bilingual (English / Chinese) arithmetic word problems: the demo task for all three stages.
+
+The task has a known gold scorer (`gold_score`), so later stages can measure whether a policy
+got better at the task, not only whether a loss fell. Everything is generated from a seed, so the
+same seed always writes byte-identical files.
+
+Files written by `write_demo_data(dir)` (the seed's formats):
+
+| file               | stage | format | columns                          |
+|--------------------|-------|--------|----------------------------------|
+| sft_train.json     | SFT   | JSON list (Alpaca style) | instruction, input, output |
+| sft_eval.jsonl     | SFT   | JSONL  | instruction, input, output       |
+| rm_train.jsonl     | RM    | JSONL  | prompt, chosen, rejected         |
+| rm_eval.jsonl      | RM    | JSONL  | prompt, chosen, rejected         |
+| prompts_train.csv  | PPO   | CSV    | prompt                           |
+| prompts_train.jsonl| PPO   | JSONL  | prompt, answer                   |
+| prompts_eval.jsonl | PPO   | JSONL  | prompt, answer (held out)        |
+| pretrain.jsonl     | PTX   | JSONL  | text                             |
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+NAMES_EN = ["Tom", "Anna", "Lily", "Jack", "Mia", "Leo", "Emma", "Sam"]
+NAMES_ZH = ["小明", "小红", "小刚", "小丽", "阿强", "小芳", "老王", "小李"]
+ITEMS_EN = ["apple", "book", "pen", "ball", "cookie", "flower", "card", "egg"]
+# Chinese measure words are part of the item so the templates stay simple.
+ITEMS_ZH = ["个苹果", "本书", "支笔", "个球", "块饼干", "朵花", "张卡片", "个鸡蛋"]
+
+# (language, op, template). Each template names {name}, {a}, {b}, {item} exactly once or more;
+# `_TEMPLATE_RES` turns them into regexes so `gold_score` can recover a and b from a prompt.
+TEMPLATES: list[tuple[str, str, str]] = [
+    ("en", "+", "{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?"),
+    ("en", "+", "There are {a} {item}s in a box and {name} puts in {b} more. How many {item}s are in the box?"),
+    ("en", "-", "{name} has {a} {item}s and gives away {b}. How many {item}s are left?"),
+    ("en", "-", "A shelf holds {a} {item}s. {name} takes {b} of them. How many {item}s remain on the shelf?"),
+    ("en", "*", "{name} buys {a} bags with {b} {item}s in each bag. How many {item}s does {name} buy in total?"),
+    ("zh", "+", "{name}有{a}{item}，又得到了{b}{item}。{name}现在一共有多少{item}？"),
+    ("zh", "+", "盒子里有{a}{item}，{name}又放进去{b}{item}。盒子里有多少{item}？"),
+    ("zh", "-", "{name}有{a}{item}，送给朋友{b}{item}。{name}还剩多少{item}？"),
+    ("zh", "-", "架子上有{a}{item}，{name}拿走了{b}{item}。架子上还剩多少{item}？"),
+    ("zh", "*", "{name}买了{a}袋，每袋有{b}{item}。{name}一共买了多少{item}？"),
+]
+ZH_SOLVE_INSTRUCTION = "解答下面的应用题。"
+EN_SOLVE_INSTRUCTION = "Solve the following word problem."
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    out, seen = "", set()
+    for part in re.split(r"(\{\w+\})", template):
+        m = re.fullmatch(r"\{(\w+)\}", part)
+        if not m:
+            out += re.escape(part)
+        elif m.group(1) in seen:
+            out += f"(?P={m.group(1)})"
+        else:
+            seen.add(m.group(1))
+            out += rf"(?P<{m.group(1)}>\d+)" if m.group(1) in ("a", "b") else rf"(?P<{m.group(1)}>.+?)"
+    return re.compile(out)
+
+
+_TEMPLATE_RES = [(lang, op, _template_regex(t)) for lang, op, t in TEMPLATES]
+_ANSWER_RES = [re.compile(r"[Tt]he answer is (-?\d+)"), re.compile(r"答案是\s*(-?\d+)")]
+
+
+@dataclass(frozen=True)
+class Problem:
+    lang: str  # "en" | "zh"
+    op: str  # "+" | "-" | "*"
+    a: int
+    b: int
+    text: str
+
+    @property
+    def answer(self) -> int:
+        return {"+": self.a + self.b, "-": self.a - self.b, "*": self.a * self.b}[self.op]
+
+
+def solve(prompt: str) -> Problem | None:
+    """Recover the problem from a prompt written by this module (anywhere inside `prompt`)."""
+    for lang, op, rx in _TEMPLATE_RES:
+        m = rx.search(prompt)
+        if m:
+            return Problem(lang, op, int(m.group("a")), int(m.group("b")), m.group(0))
+    return None
+
+
+def extract_answer(response: str) -> int | None:
+    """The number after 'The answer is' / '答案是' (the first occurrence), or None."""
+    for rx in _ANSWER_RES:
+        m = rx.search(response)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """1.0 when the response states the correct final answer, else 0.0.
+
+    Raises ValueError for a prompt this module did not write (no gold answer is known).
+    """
+    problem = solve(prompt)
+    if problem is None:
+        raise ValueError(f"not a demo arithmetic prompt: {prompt[:80]!r}")
+    return 1.0 if extract_answer(response) == problem.answer else 0.0
+
+
+def make_problem(rng: random.Random) -> Problem:
+    lang, op, template = TEMPLATES[rng.randrange(len(TEMPLATES))]
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    if op == "-" and b > a:
+        a, b = b, a
+    names, items = (NAMES_EN, ITEMS_EN) if lang == "en" else (NAMES_ZH, ITEMS_ZH)
+    text = template.format(name=rng.choice(names), item=rng.choice(items), a=a, b=b)
+    return Problem(lang, op, a, b, text)
+
+
+def solution(p: Problem, answer: int | None = None, shown: int | None = None) -> str:
+    """A worked answer. `shown` is the result written in the equation, `answer` the final one."""
+    answer = p.answer if answer is None else answer
+    shown = answer if shown is None else shown
+    if p.lang == "en":
+        return f"{p.a} {p.op} {p.b} = {shown}. The answer is {answer}."
+    return f"{p.a} {p.op} {p.b} = {shown}，答案是{answer}。"
+
+
+def _wrong(p: Problem, rng: random.Random) -> int:
+    while True:
+        w = p.answer + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+        if w >= 0 and w != p.answer:
+            return w
+
+
+def rejected_response(p: Problem, rng: random.Random) -> str:
+    """A worse answer than `solution(p)`: a wrong result, or a right result with a wrong final answer.
+
+    Only "hard" negatives, on purpose. With easy ones mixed in (evasive, truncated or rambling
+    answers), the reward model separates those within a few dozen steps and then stays at chance
+    on wrong arithmetic (measured on the micro preset: 0.55-0.65 on wrong answers with easy
+    negatives present, 0.94 without) — a case of gradient starvation (Pezeshki et al. 2021,
+    https://arxiv.org/abs/2011.09468). An RM that cannot tell a wrong sum from a right one is
+    useless to PPO on this task, whose gold score is exactly that.
+    """
+    if rng.random() < 0.7:
+        return solution(p, answer=_wrong(p, rng))
+    return solution(p, answer=_wrong(p, rng), shown=p.answer)
+
+
+def as_instruction(p: Problem, rng: random.Random) -> tuple[str, str]:
+    """(instruction, input): the problem alone, or a fixed instruction with the problem as input."""
+    if rng.random() < 0.3:
+        return (EN_SOLVE_INSTRUCTION if p.lang == "en" else ZH_SOLVE_INSTRUCTION), p.text
+    return p.text, ""
+
+
+def pretrain_text(rng: random.Random) -> str:
+    p = make_problem(rng)
+    return p.text + " " + solution(p) if rng.random() < 0.5 else f"{p.a} {p.op} {p.b} = {p.answer}"
+
+
+def write_demo_data(out_dir: str | Path, seed: int = 42, n_sft: int = 4000, n_pairs: int = 3000,
+                    n_prompts: int = 1000, n_eval: int = 200, n_pretrain: int = 2000) -> Path:
+    """Write every demo file into `out_dir` (created). Deterministic in `seed`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+
+    def sft_rows(n: int) -> list[dict]:
+        rows = []
+        for _ in range(n):
+            p = make_problem(rng)
+            instruction, inp = as_instruction(p, rng)
+            rows.append({"instruction": instruction, "input": inp, "output": solution(p)})
+        return rows
+
+    def pair_rows(n: int) -> list[dict]:
+        rows = []
+        for _ in range(n):
+            p = make_problem(rng)
+            rows.append({"prompt": p.text, "chosen": solution(p), "rejected": rejected_response(p, rng)})
+        return rows
+
+    def prompt_rows(n: int) -> list[dict]:
+        return [{"prompt": (p := make_problem(rng)).text, "answer": p.answer} for _ in range(n)]
+
+    with open(out / "sft_train.json", "w", encoding="utf-8") as f:
+        json.dump(sft_rows(n_sft), f, ensure_ascii=False, indent=1)
+    _write_jsonl(out / "sft_eval.jsonl", sft_rows(n_eval))
+    _write_jsonl(out / "rm_train.jsonl", pair_rows(n_pairs))
+    _write_jsonl(out / "rm_eval.jsonl", pair_rows(n_eval))
+    prompts = prompt_rows(n_prompts)
+    _write_jsonl(out / "prompts_train.jsonl", prompts)
+    with open(out / "prompts_train.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt"])
+        w.writerows([[r["prompt"]] for r in prompts])
+    _write_jsonl(out / "prompts_eval.jsonl", prompt_rows(n_eval))
+    _write_jsonl(out / "pretrain.jsonl", [{"text": pretrain_text(rng)} for _ in range(n_pretrain)])
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def corpus(out_dir: str | Path) -> list[str]:
+    """All text of the demo files, for training the tokenizer."""
+    texts: list[str] = []
+    out = Path(out_dir)
+    for r in json.loads((out / "sft_train.json").read_text(encoding="utf-8")):
+        texts += [r["instruction"], r["input"], r["output"]]
+    for name in ["rm_train.jsonl", "pretrain.jsonl"]:
+        for line in (out / name).read_text(encoding="utf-8").splitlines():
+            texts += [v for v in json.loads(line).values() if isinstance(v, str)]
+    return [t for t in texts if t]

@@ -1,0 +1,215 @@
+"""Load instruction, pair and prompt datasets from files into `datasets.Dataset`, validated.
+
+Supported inputs: `.json` (a list of objects, or JSON lines), `.jsonl`, `.csv`, `.tsv`,
+`.parquet`, and directories written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
+Text formats are parsed here rather than by `datasets.load_dataset` so that an error can name the
+exact line; the result is always a `datasets.Dataset` with canonical column names.
+
+Every problem is a `DataError` naming the file, line/row and field. With `skip_bad_rows=True`
+bad rows are skipped and counted instead (`LoadedData.skipped`), and an empty result is still an
+error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from coati_ray.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv"}
+
+
+@dataclass
+class LoadedData:
+    dataset: datasets.Dataset
+    skipped: list[str] = field(default_factory=list)  # one message per skipped row
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A canonical field, the column it is read from, and whether an empty value is allowed."""
+
+    name: str
+    source: str
+    required: bool = True  # the column must exist
+    allow_empty: bool = False
+
+
+def load_rows(path: str | Path, columns: list[Column], skip_bad_rows: bool = False,
+              max_samples: int | None = None) -> LoadedData:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(str(path), "no such file or directory")
+    raw = _read(path)  # list of (line or None, row) ; raises DataError with line on parse errors
+    rows, skipped = [], []
+    for i, (line, row) in enumerate(raw):
+        if isinstance(row, DataError):
+            if not skip_bad_rows:
+                raise row
+            skipped.append(str(row))
+            continue
+        try:
+            rows.append(_validate(path, i, line, row, columns))
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            skipped.append(str(e))
+        if max_samples is not None and len(rows) >= max_samples:
+            break
+    if not raw:
+        raise DataError(str(path), "the dataset is empty (no rows)")
+    if not rows:
+        raise DataError(str(path), f"no usable rows: all {len(skipped)} rows were bad; first: {skipped[0]}")
+    if skipped:
+        logger.warning("%s: skipped %d bad rows (first: %s)", path, len(skipped), skipped[0])
+    return LoadedData(datasets.Dataset.from_list(rows), skipped)
+
+
+def _validate(path: Path, i: int, line: int | None, row: Any, columns: list[Column]) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(str(path), f"expected an object with fields, got {type(row).__name__}", row=i, line=line)
+    out = {}
+    for col in columns:
+        if col.source not in row:
+            if not col.required:
+                out[col.name] = ""
+                continue
+            raise DataError(str(path), f"missing field (needed as '{col.name}'; present: {sorted(row)}); "
+                            f"use --{col.name}_key to map another column", row=i, field=col.source, line=line)
+        value = row[col.source]
+        if value is None or (isinstance(value, float) and value != value):  # None / NaN from CSV
+            value = ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise DataError(str(path), f"expected text, got {type(value).__name__}", row=i, field=col.source,
+                            line=line)
+        if not value.strip() and not col.allow_empty:
+            raise DataError(str(path), "expected non-empty text, got an empty value", row=i, field=col.source,
+                            line=line)
+        out[col.name] = value
+    return out
+
+
+def _read(path: Path) -> list[tuple[int | None, Any]]:
+    if path.is_dir():
+        return [(None, r) for r in _read_saved_dataset(path)]
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            ds = datasets.Dataset.from_parquet(str(path))
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise DataError(str(path), f"not a readable Parquet file ({type(e).__name__}: {e})") from e
+        return [(None, r) for r in ds]
+    if suffix not in TEXT_SUFFIXES:
+        raise DataError(str(path), f"unsupported file type '{suffix}'; expected .json, .jsonl, .csv, .tsv, "
+                        ".parquet or a directory saved with datasets' save_to_disk")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), f"not UTF-8 text (byte {e.start})") from e
+    if not text.strip():
+        raise DataError(str(path), "the file is empty")
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(path, text, "\t" if suffix == ".tsv" else ",")
+    if suffix == ".json" and text.lstrip()[:1] in "[{" and not _looks_like_jsonl(text):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), f"invalid JSON: {e.msg} (column {e.colno})", line=e.lineno) from e
+        if isinstance(data, dict):  # {"train": [...]} or a single object
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else [data]
+        if not isinstance(data, list):
+            raise DataError(str(path), f"expected a JSON list of objects, got {type(data).__name__}")
+        return [(None, r) for r in data]
+    return _read_jsonl(path, text)
+
+
+def _looks_like_jsonl(text: str) -> bool:
+    first = text.lstrip().split("\n", 1)[0].strip()
+    if not first.startswith("{"):
+        return False
+    try:
+        json.loads(first)
+        return "\n" in text.strip()
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_jsonl(path: Path, text: str) -> list[tuple[int | None, Any]]:
+    out: list[tuple[int | None, Any]] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((n, DataError(str(path), f"invalid JSON: {e.msg} (column {e.colno})", row=len(out), line=n)))
+    return out
+
+
+def _read_csv(path: Path, text: str, delimiter: str) -> list[tuple[int | None, Any]]:
+    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(str(path), "the file is empty") from None
+    out: list[tuple[int | None, Any]] = []
+    try:
+        for values in reader:
+            line = reader.line_num
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) != len(header):
+                out.append((line, DataError(str(path), f"expected {len(header)} fields ({', '.join(header)}), "
+                                            f"got {len(values)}", row=len(out), line=line)))
+                continue
+            out.append((line, dict(zip(header, values))))
+    except csv.Error as e:
+        raise DataError(str(path), f"malformed CSV: {e}", line=reader.line_num) from e
+    return out
+
+
+def _read_saved_dataset(path: Path) -> datasets.Dataset:
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError / ValueError variants
+        raise DataError(str(path), f"not a dataset directory saved with save_to_disk ({e})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(str(path), f"a DatasetDict without a 'train' split (splits: {list(ds)})")
+        ds = ds["train"]
+    return ds
+
+
+# Canonical column sets for each stage; `keys` maps canonical name -> column in the file.
+
+def sft_columns(keys: dict[str, str]) -> list[Column]:
+    return [Column("instruction", keys.get("instruction", "instruction")),
+            Column("input", keys.get("input", "input"), required=False, allow_empty=True),
+            Column("output", keys.get("output", "output"))]
+
+
+def pair_columns(keys: dict[str, str]) -> list[Column]:
+    return [Column(n, keys.get(n, n)) for n in ("prompt", "chosen", "rejected")]
+
+
+def prompt_columns(keys: dict[str, str]) -> list[Column]:
+    return [Column("prompt", keys.get("prompt", "prompt"))]
+
+
+def text_columns(keys: dict[str, str]) -> list[Column]:
+    return [Column("text", keys.get("text", "text"))]

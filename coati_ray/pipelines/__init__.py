@@ -1,0 +1,1 @@
+"""Drivers' loops: stage 1 (SFT), stage 2 (reward model) and, later, stage 3 (PPO)."""

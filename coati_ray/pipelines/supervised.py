@@ -1,0 +1,159 @@
+"""The driver for stages 1 and 2: SFT and reward-model training on a Ray trainer group.
+
+    1. resolve the model and data (embedded defaults when none are given)
+    2. start/join Ray and the trainer group; each rank loads and tokenizes its data
+    3. resume from the latest checkpoint if asked
+    4. loop: train_step -> log -> (evaluate) -> (checkpoint)
+    5. final evaluation; save the HF model to --save_path
+
+`--save_path` is the HF model directory; `checkpoints/step_N/` and `tensorboard/` live inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from coati_ray.cluster.group import TrainerGroup
+from coati_ray.cluster.ray_env import init_ray
+from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, RMArgs, TrainArgs, validate_all
+from coati_ray.defaults import demo_file
+from coati_ray.errors import DataError
+from coati_ray.models.loading import load_config, resolve_model_path
+from coati_ray.workers.trainer import SetupInfo, TrainJob
+
+logger = logging.getLogger(__name__)
+
+DEMO_FILES = {"sft": ("sft_train.json", "sft_eval.jsonl"), "rm": ("rm_train.jsonl", "rm_eval.jsonl")}
+
+
+@dataclass
+class TrainResult:
+    save_path: str
+    setup: SetupInfo
+    history: list[dict[str, float]] = field(default_factory=list)  # train metrics of every step
+    evals: list[dict[str, float]] = field(default_factory=list)
+    start_step: int = 0
+
+    @property
+    def final_eval(self) -> dict[str, float]:
+        return self.evals[-1] if self.evals else {}
+
+
+def latest_checkpoint(save_path: str) -> str | None:
+    ckpts = Path(save_path) / "checkpoints"
+    steps = [(int(m.group(1)), p) for p in ckpts.glob("step_*") if (m := re.fullmatch(r"step_(\d+)", p.name))
+             and (p / "trainer_state.json").exists()]
+    return str(max(steps)[1]) if steps else None
+
+
+def make_job(stage: str, model: ModelArgs, data: DataArgs, train: TrainArgs, rm: RMArgs | None) -> TrainJob:
+    model_path = resolve_model_path(model.pretrain, model.model, model.preset_size)
+    load_config(model_path)  # fail here, before any actor starts, if the model is unreadable
+    if data.dataset:
+        train_file, eval_file = data.dataset, data.eval_dataset
+    else:
+        train_file, eval_file = demo_file(DEMO_FILES[stage][0]), data.eval_dataset or demo_file(DEMO_FILES[stage][1])
+    for f in (train_file, eval_file):
+        if f and not Path(f).exists():
+            raise DataError(f, "no such file or directory")
+    return TrainJob(stage, model_path, train_file, eval_file, model, data, train, rm, is_preset=model.pretrain is None)
+
+
+def run_training(stage: str, model: ModelArgs, data: DataArgs, train: TrainArgs, cluster: ClusterArgs,
+                 rm: RMArgs | None = None, local: bool = False, progress: bool = True) -> TrainResult:
+    """Train stage `stage` ("sft" or "rm") and save the model to `train.save_path`."""
+    validate_all(model, data, train, cluster)
+    job = make_job(stage, model, data, train, rm)
+    cpus = cluster.trainer_cpus()
+    if not local:
+        init_ray(cluster.address, num_cpus=int(cluster.trainers * cpus))
+    group = TrainerGroup(cluster.trainers, cpus, cluster.gpus_per_trainer, local=local)
+    try:
+        return _loop(stage, group, job, train, model, progress)
+    finally:
+        group.shutdown()
+
+
+def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: ModelArgs, progress: bool) -> TrainResult:
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    info = group.setup(job)
+    logger.info("%s: %d train / %d eval samples, global batch %d, %d steps/epoch, %d steps, %.2fM params "
+                "(%.2fM trainable), lr %.1e", stage, info.n_train, info.n_eval, info.global_batch,
+                info.steps_per_epoch, info.total_steps, info.params / 1e6, info.trainable_params / 1e6, info.lr)
+    result = TrainResult(ta.save_path, info)
+    save = Path(ta.save_path)
+    save.mkdir(parents=True, exist_ok=True)
+    if ta.resume:
+        ckpt = latest_checkpoint(ta.save_path)
+        if ckpt is None:
+            logger.warning("--resume: no checkpoint under %s/checkpoints; starting from step 0", ta.save_path)
+        else:
+            result.start_step = group.load_checkpoint(ckpt)["step"]
+            logger.info("resumed from %s at step %d", ckpt, result.start_step)
+    writer = SummaryWriter(str(save / "tensorboard"))
+    # Redraw often on a terminal, rarely into a log file.
+    bar = tqdm(total=info.total_steps, initial=result.start_step, desc=stage, disable=not progress,
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+    step = result.start_step
+    try:
+        while step < info.total_steps:
+            m = group.train_step()
+            step = int(m["train/step"])
+            result.history.append(m)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['train/loss']:.4f}")
+            for k, v in m.items():
+                writer.add_scalar(k, v, step)
+            if step % ta.log_interval == 0 or step == info.total_steps:
+                bar.write(_metrics_line(step, info.total_steps, m))
+            if ta.eval_interval and step % ta.eval_interval == 0 and step < info.total_steps:
+                _evaluate(group, result, writer, step, bar)
+            if ta.ckpt_interval and step % ta.ckpt_interval == 0 and step < info.total_steps:
+                group.save_checkpoint(str(save / "checkpoints" / f"step_{step}"), {"epoch": step // info.steps_per_epoch})
+    except KeyboardInterrupt:
+        # Keep what was done: a checkpoint at the last finished step, then stop.
+        logger.warning("interrupted at step %d; saving a checkpoint so --resume can continue", step)
+        group.save_checkpoint(str(save / "checkpoints" / f"step_{step}"), {"epoch": step // info.steps_per_epoch})
+        raise
+    finally:
+        bar.close()
+    _evaluate(group, result, writer, step, None)
+    group.save_checkpoint(str(save / "checkpoints" / f"step_{step}"), {"epoch": step // max(info.steps_per_epoch, 1)})
+    group.save_model(ta.save_path, ma.merge_lora)
+    writer.close()
+    (save / "train_summary.json").write_text(json.dumps({
+        "stage": stage, "steps": step, "final_eval": result.final_eval,
+        "final_train_loss": result.history[-1]["train/loss"] if result.history else None,
+        "setup": {k: v for k, v in asdict(info).items() if k != "skipped_rows"},
+        "skipped_rows": len(info.skipped_rows)}, indent=1))
+    if info.skipped_rows:
+        logger.warning("skipped %d bad rows (--skip_bad_rows); first: %s", len(info.skipped_rows), info.skipped_rows[0])
+    logger.info("saved %s model to %s", stage, ta.save_path)
+    return result
+
+
+def _evaluate(group: TrainerGroup, result: TrainResult, writer, step: int, bar) -> None:
+    ev = group.evaluate()
+    ev["train/step"] = step
+    result.evals.append(ev)
+    for k, v in ev.items():
+        if k != "train/step":
+            writer.add_scalar(k, v, step)
+    line = f"eval @ step {step}: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in ev.items() if k != "train/step")
+    (bar.write if bar else logger.info)(line)
+
+
+def _metrics_line(step: int, total: int, m: dict[str, float]) -> str:
+    parts = [f"step {step}/{total}", f"loss {m['train/loss']:.4f}", f"lr {m['train/lr']:.2e}",
+             f"grad_norm {m['train/grad_norm']:.3f}", f"tok/s {m['perf/tokens_per_s']:.0f}"]
+    if "train/acc" in m:
+        parts.append(f"acc {m['train/acc']:.3f}")
+    return " | ".join(parts)

@@ -1,0 +1,1 @@
+"""Worker classes: plain Python; `coati_ray.cluster.group` makes them Ray actors."""

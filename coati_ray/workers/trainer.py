@@ -1,0 +1,290 @@
+"""The trainer worker: one rank of a data-parallel group running the SFT or RM loop.
+
+The driver calls `train_step()` once per optimizer step on every rank at once; each rank reads
+its own slice of the global batch, so no training data passes through the driver.
+
+Global batch layout (G = batch_size x accumulation_steps x world_size samples per step): the
+epoch's seeded permutation is cut into G-sized steps; micro-batch j of rank r takes slot
+j * world_size + r. One trainer with 2x accumulation therefore sees exactly the samples that two
+trainers see, and with loss normalised by the global count the two give the same update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from coati_ray.config import PRESET_LR, PRETRAINED_LR, DataArgs, ModelArgs, RMArgs, TrainArgs
+from coati_ray.engines.strategy import make_strategy
+from coati_ray.models.lora import is_peft
+from coati_ray.workers.tasks import RMTask, SFTTask, Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainJob:
+    """Everything a trainer rank needs; built by the pipeline, pickled to each actor."""
+
+    stage: str  # "sft" | "rm"
+    model_path: str
+    train_file: str
+    eval_file: str | None
+    model: ModelArgs
+    data: DataArgs
+    train: TrainArgs
+    rm: RMArgs | None = None
+    is_preset: bool = True  # picks the default learning rate
+
+
+@dataclass
+class SetupInfo:
+    n_train: int
+    n_eval: int
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    params: int
+    trainable_params: int
+    skipped_rows: list[str]
+    dropped_samples: int
+    lr: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class TrainerWorker:
+    def __init__(self, rank: int, world_size: int, num_threads: int = 1):
+        self.rank, self.world_size = rank, world_size
+        torch.set_num_threads(max(1, num_threads))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.step = 0
+
+    # --- process group ------------------------------------------------------------------------
+    def master_address(self) -> tuple[str, int]:
+        """Called on rank 0: an address and free port for the rendezvous."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def init_process_group(self, addr: str, port: int, backend: str | None = None) -> None:
+        if self.world_size == 1 or dist.is_initialized():
+            return
+        backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
+                                world_size=self.world_size)
+
+    # --- setup ----------------------------------------------------------------------------------
+    def setup(self, job: TrainJob) -> SetupInfo:
+        self.job, ta = job, job.train
+        random.seed(ta.seed)
+        torch.manual_seed(ta.seed)
+        task_cls = SFTTask if job.stage == "sft" else RMTask
+        kw = {"rm_args": job.rm} if job.stage == "rm" else {}
+        self.task: Task = task_cls(job.model_path, job.model, job.data, job.train_file, job.eval_file, ta.seed, **kw)
+        self.data = self.task.build_datasets()
+        self.strategy = make_strategy(ta.strategy, self.device)
+        model = self.task.build_model()
+        params = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.model = self.strategy.wrap(model)
+        self.lr = ta.lr or (PRESET_LR if job.is_preset else PRETRAINED_LR)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr,
+                                           weight_decay=ta.weight_decay, betas=(ta.adam_beta1, ta.adam_beta2))
+        self.micro = ta.batch_size
+        self.global_batch = ta.batch_size * ta.accumulation_steps * self.world_size
+        self.steps_per_epoch = len(self.data.train) // self.global_batch
+        if self.steps_per_epoch == 0:
+            from coati_ray.errors import ConfigError
+
+            raise ConfigError("batch_size", f"the global batch ({ta.batch_size} x {ta.accumulation_steps} "
+                              f"accumulation x {self.world_size} trainers = {self.global_batch}) is larger than "
+                              f"the {len(self.data.train)} training samples")
+        self.total_steps = self.steps_per_epoch * ta.max_epochs
+        if ta.max_steps:
+            self.total_steps = min(self.total_steps, ta.max_steps)
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(ta.warmup_ratio * self.total_steps),
+                                                         self.total_steps)
+        return SetupInfo(len(self.data.train), len(self.data.eval), self.steps_per_epoch, self.total_steps,
+                         self.global_batch, params, trainable, self.data.skipped, self.data.dropped, self.lr)
+
+    # --- training -------------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> list[int]:
+        idx = list(range(len(self.data.train)))
+        random.Random(self.job.train.seed * 1000 + epoch).shuffle(idx)
+        return idx
+
+    def _micro_batches(self, step: int) -> list[list[int]]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = self._epoch_order(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
+        out = []
+        for j in range(self.job.train.accumulation_steps):
+            slot = j * self.world_size + self.rank
+            out.append(order[slot * self.micro:(slot + 1) * self.micro])
+        return out
+
+    def _autocast(self):
+        enabled = self.job.model.dtype == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over the global batch; metrics are the same on every rank."""
+        t0 = time.perf_counter()
+        self.model.train()
+        batches = [self.task.collate([self.data.train[i] for i in mb]) for mb in self._micro_batches(self.step)]
+        counts = [self._count(b) for b in batches]
+        global_count, = self._all_reduce([float(sum(counts))])
+        loss_sum, extras, tokens = 0.0, {}, 0
+        for j, batch in enumerate(batches):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            last = j == len(batches) - 1
+            with self.strategy.no_sync(self.model, sync=last), self._autocast():
+                s, _, extra = self.task.loss(self.model, batch)
+                # x world_size: DDP/FSDP average gradients over ranks, we want the global-count mean.
+                (s * (self.world_size / global_count)).backward()
+            loss_sum += float(s.detach())
+            tokens += int(batch["attention_mask"].sum())
+            for k, v in extra.items():
+                extras[k] = extras.get(k, 0.0) + v
+        grad_norm = self.strategy.clip_grad_norm(self.model, self.job.train.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        keys = sorted(extras)
+        reduced = self._all_reduce([loss_sum, float(tokens)] + [extras[k] for k in keys])
+        elapsed = time.perf_counter() - t0
+        metrics = {"train/loss": reduced[0] / global_count, "train/lr": lr, "train/grad_norm": grad_norm,
+                   "perf/tokens_per_s": reduced[1] / elapsed, "perf/step_time": elapsed, "train/step": self.step}
+        for k, v in zip(keys, reduced[2:]):
+            metrics[f"train/{k.removesuffix('_sum')}"] = v / global_count
+        return metrics
+
+    def _count(self, batch: dict[str, torch.Tensor]) -> int:
+        if "labels" in batch:
+            return int((batch["labels"][:, 1:] != -100).sum())
+        return batch["input_ids"].shape[0] // 2
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        items = self.data.eval[self.rank::self.world_size]
+        sums: dict[str, float] = {}
+        for i in range(0, len(items), self.micro):
+            batch = {k: v.to(self.device) for k, v in self.task.collate(items[i:i + self.micro]).items()}
+            with self._autocast():
+                for k, v in self.task.eval_sums(self.model, batch).items():
+                    sums[k] = sums.get(k, 0.0) + v
+        # FSDP needs every rank in every forward; ranks with fewer eval items run no extra batch,
+        # so shards are equal-sized or off by one micro-batch at most. Pad to equal batch counts:
+        n_local = math.ceil(len(items) / self.micro)
+        n_max = int(self._all_reduce_max(n_local))
+        for _ in range(n_max - n_local):
+            batch = {k: v.to(self.device) for k, v in self.task.collate(self.data.eval[:1]).items()}
+            with self._autocast():
+                self.task.eval_sums(self.model, batch)
+        keys = ["loss_sum", "count"] + sorted(k for k in sums if k not in ("loss_sum", "count"))
+        reduced = self._all_reduce([sums.get(k, 0.0) for k in keys])
+        return self.task.finish_eval(dict(zip(keys, reduced)))
+
+    def _all_reduce_max(self, x: int) -> float:
+        t = torch.tensor([float(x)], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    # --- saving ---------------------------------------------------------------------------------
+    def save_model(self, path: str, merge_lora: bool = False) -> None:
+        """Write the trained model as an HF directory (rank 0 writes; every rank must call)."""
+        model_sd, _ = self.strategy.state_dicts(self.model, None)
+        if self.rank == 0:
+            with torch.random.fork_rng(devices=[]):  # building must not move the training RNG
+                model = self.task.build_model()  # a plain CPU copy with the same structure
+            model.load_state_dict(model_sd)
+            if is_peft(model) and merge_lora:
+                model = model.merge_and_unload()
+            # Write beside, then move file by file: `path` may also hold checkpoints/ and logs.
+            out = Path(path)
+            tmp = out / ".tmp_model"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            model.save_pretrained(str(tmp))
+            self.task.tokenizer.save_pretrained(str(tmp))
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+        self.barrier()
+
+    def save_checkpoint(self, path: str, extra: dict[str, Any]) -> None:
+        """A resumable checkpoint: model, optimizer, scheduler, step, and every rank's RNG state."""
+        model_sd, optim_sd = self.strategy.state_dicts(self.model, self.optimizer)
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        rngs: list[Any] = [None] * self.world_size
+        if self.world_size > 1:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if self.rank == 0:
+            tmp = Path(path + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                        "rng": rngs}, tmp / "state.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world_size,
+                                                                "stage": self.job.stage, **extra}, indent=1))
+            if Path(path).exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)  # the previous checkpoint stays valid until this rename
+        self.barrier()
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+        meta = json.loads((Path(path) / "trainer_state.json").read_text())
+        self.strategy.load_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = meta["step"]
+        rngs = state["rng"]
+        if len(rngs) == self.world_size:  # same layout: each rank continues its own stream
+            random.setstate(rngs[self.rank]["python"])
+            torch.set_rng_state(rngs[self.rank]["torch"])
+        self.barrier()
+        return meta
+
+    def peak_memory_mb(self) -> float:
+        """Peak resident memory of this process (Linux ru_maxrss is in KiB)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

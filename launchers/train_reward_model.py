@@ -1,0 +1,34 @@
+#!/usr/bin/env python
+"""Stage 2: reward-model training on ranked pairs, on Ray trainer actors.
+
+    python launchers/train_reward_model.py                          # tiny model, demo pairs, local Ray
+    python launchers/train_reward_model.py --pretrain out/sft --dataset pairs.jsonl \
+        --loss_fn log_exp --trainers 2 --save_path out/rm
+
+Flags: `python launchers/train_reward_model.py --help`.
+"""
+
+import sys
+
+from coati_ray.cli import parse, run_main, setup_logging
+from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, RMArgs, TrainArgs
+
+
+def main(argv=None):
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.startswith("--save_path") for a in argv):
+        argv += ["--save_path", "outputs/rm"]
+    (model, data, train, cluster, rm), extra = parse([ModelArgs, DataArgs, TrainArgs, ClusterArgs, RMArgs], argv,
+                                                     "Stage 2 (reward model) of coati_ray.")
+    from coati_ray.pipelines.supervised import run_training
+
+    result = run_training("rm", model, data, train, cluster, rm=rm, local=extra.local)
+    ev = result.final_eval
+    print(f"RM done: held-out accuracy {ev.get('eval/accuracy', float('nan')):.3f}, mean margin "
+          f"{ev.get('eval/margin', float('nan')):.3f}; model saved to {result.save_path}")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

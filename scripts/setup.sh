@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install coati_ray with the given extras, e.g. `scripts/setup.sh test`.
+#
+# torch is installed first and pinned, so that pip never replaces it while resolving the rest:
+# TORCH_SPEC (default torch==2.13.0) picks the build; on a CUDA machine the same pin gives the
+# CUDA build from PyPI, on a CPU-only machine point pip at a CPU wheel index (PIP_INDEX_URL).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${1:-}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# Run pip quietly; on failure show its output (less this machine's noise about local wheel dirs).
+quiet() {
+  local log; log="$(mktemp)"
+  if ! "$@" >"$log" 2>&1; then
+    grep -vE "^WARNING: Location .* is ignored" "$log" >&2 || true
+    rm -f "$log"; echo "setup failed: $*" >&2; return 1
+  fi
+  rm -f "$log"
+}
+python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '${TORCH_SPEC:-torch==2.13.0}'.split('==')[-1] else 1)" 2>/dev/null \
+  || quiet pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+if [ -n "$EXTRAS" ]; then
+  quiet pip install -q -e ".[$EXTRAS]"
+else
+  quiet pip install -q -e .
+fi

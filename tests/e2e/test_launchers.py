@@ -1,0 +1,62 @@
+"""The launchers as a user runs them: a subprocess, flags, exit status and what it prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, str(ROOT / "launchers" / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--strategy", "zero9"], "error: --strategy: unknown strategy 'zero9'"),
+    (["--pretrain", "/nonexistent/model"], "error: --pretrain /nonexistent/model: no such directory"),
+    (["--batch_size", "0"], "error: --batch_size: must be >= 1"),
+    (["--model", "gpt2", "--pretrain", "{micro}"], "holds a 'llama' model, not 'gpt2'"),
+    (["--dataset", "{missing}"], "no such file or directory"),
+])
+def test_bad_flags_give_one_clear_line_and_exit_2(args, expected, micro_model, tmp_path):
+    args = [a.format(micro=micro_model, missing=tmp_path / "nope.jsonl") for a in args]
+    p = run("train_sft.py", *args, "--save_path", str(tmp_path / "out"))
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert expected in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_malformed_dataset_row_via_launcher_names_file_line_and_field(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n',
+                    encoding="utf-8")
+    p = run("train_reward_model.py", "--dataset", str(data), "--preset_size", "micro", "--eval_split", "0",
+            "--save_path", str(tmp_path / "rm"))
+    assert p.returncode == 2
+    assert f"error: {data}, line 2, row 1, field 'rejected': missing field" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_sft_launcher_trains_saves_and_resumes(tmp_path):
+    out = tmp_path / "sft"
+    common = ["--preset_size", "micro", "--max_samples", "200", "--batch_size", "8", "--save_path", str(out),
+              "--trainers", "2", "--ckpt_interval", "5", "--log_interval", "5"]
+    p = run("train_sft.py", *common, "--max_steps", "10")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "SFT done" in p.stdout and "step 10/10" in p.stdout + p.stderr
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["step_10", "step_5"]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 10
+    p = run("train_sft.py", *common, "--max_steps", "15", "--resume")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stderr and json.loads((out / "train_summary.json").read_text())["steps"] == 15

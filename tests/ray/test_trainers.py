@@ -1,0 +1,171 @@
+"""Stages 1 and 2 on a real local Ray cluster with the micro llama preset on the demo data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, RMArgs, TrainArgs
+from coati_ray.errors import DataError
+from coati_ray.models.loading import load_causal_lm, load_value_model
+from coati_ray.pipelines.supervised import run_training
+
+
+def train(tmp_path, name, stage="sft", trainers=1, strategy="ddp", batch_size=4, accumulation=1, max_steps=6,
+          local=False, data=None, model=None, **train_kw):
+    ta = TrainArgs(strategy=strategy, batch_size=batch_size, accumulation_steps=accumulation, max_steps=max_steps,
+                   save_path=str(tmp_path / name), log_interval=1000, warmup_ratio=0.0, **train_kw)
+    return run_training(stage, model or ModelArgs(preset_size="micro"), data or DataArgs(max_samples=400), ta,
+                        ClusterArgs(trainers=trainers), RMArgs() if stage == "rm" else None, local=local,
+                        progress=False)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_file(f"{path}/model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def sft_run(ray_cluster, tmp_path_factory):
+    """SFT of the micro preset on the full demo data: 4 epochs, 1000 steps (about a minute)."""
+    return train(tmp_path_factory.mktemp("sft"), "sft", batch_size=16, max_steps=None, max_epochs=4, lr=3e-3,
+                 data=DataArgs())
+
+
+def test_sft_loss_falls_well_below_its_start_and_the_policy_solves_the_task(sft_run):
+    from coati_ray.defaults import demo_file
+    from coati_ray.evaluation.gold import evaluate_gold
+    from coati_ray.models.loading import load_tokenizer
+
+    first, last = sft_run.history[0]["train/loss"], sft_run.final_eval["eval/loss"]
+    assert len(sft_run.history) == sft_run.setup.total_steps == 1000
+    assert last < 0.1 * first, (first, last)  # from ~ln(vocab) = 7 to well under 0.7
+    model = load_causal_lm(sft_run.save_path)  # the result is a loadable HF directory
+    prompts = [json.loads(l)["prompt"] for l in open(demo_file("prompts_eval.jsonl"), encoding="utf-8")][:64]
+    gold = evaluate_gold(model, load_tokenizer(sft_run.save_path), prompts)
+    assert gold.score >= 0.5, gold.examples  # an untrained model scores 0
+    summary = json.loads(open(f"{sft_run.save_path}/train_summary.json").read())
+    assert summary["steps"] == 1000
+    events = (Path(sft_run.save_path) / "tensorboard").iterdir()
+    assert any(p.name.startswith("events.out.tfevents") for p in events)
+
+
+def test_reward_model_from_sft_reaches_held_out_accuracy_0_8(sft_run, tmp_path):
+    # ColossalChat's order: the RM starts from the SFT model, which already knows the arithmetic.
+    r = train(tmp_path, "rm", stage="rm", batch_size=16, max_steps=None, max_epochs=2, lr=1e-3,
+              model=ModelArgs(pretrain=sft_run.save_path), data=DataArgs())
+    assert r.final_eval["eval/accuracy"] >= 0.8, r.evals
+    assert r.final_eval["eval/margin"] > 0
+    rm = load_value_model(r.save_path)
+    assert rm.config.num_labels == 1
+
+
+def test_two_ddp_trainers_match_one_trainer_with_twice_the_accumulation(ray_cluster, tmp_path):
+    two = train(tmp_path, "two", trainers=2, batch_size=4, accumulation=1)
+    one = train(tmp_path, "one", trainers=1, batch_size=4, accumulation=2, local=True)
+    # Same samples per step, loss normalised by the global token count: equal up to float32
+    # reduction order (gloo's all-reduce vs. sequential accumulation).
+    for a, b in zip(two.history, one.history):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5, abs=1e-6)
+    assert max_diff(weights(two.save_path), weights(one.save_path)) < 1e-5
+
+
+def test_accumulation_gives_the_full_batch_gradient(tmp_path):
+    # 2 x 4 accumulated == 1 x 8: the per-token normalisation over the whole step, not per micro-batch.
+    acc = train(tmp_path, "acc", batch_size=4, accumulation=2, local=True)
+    full = train(tmp_path, "full", batch_size=8, accumulation=1, local=True)
+    for a, b in zip(acc.history, full.history):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+    assert max_diff(weights(acc.save_path), weights(full.save_path)) < 1e-5
+
+
+def test_fsdp_matches_ddp(ray_cluster, tmp_path):
+    ddp = train(tmp_path, "ddp", trainers=2, strategy="ddp")
+    fsdp = train(tmp_path, "fsdp", trainers=2, strategy="fsdp")
+    for a, b in zip(ddp.history, fsdp.history):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5, abs=1e-6)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+    assert max_diff(weights(ddp.save_path), weights(fsdp.save_path)) < 1e-5
+
+
+def test_fsdp_reward_model_with_lora_saves_merged(ray_cluster, tmp_path):
+    r = train(tmp_path, "rm_lora", stage="rm", trainers=2, strategy="fsdp", batch_size=8, max_steps=4,
+              model=ModelArgs(preset_size="micro", lora_rank=4, merge_lora=True))
+    assert r.setup.trainable_params < r.setup.params / 2
+    rm = load_value_model(r.save_path)  # merged: a plain HF model, no adapter files needed
+    assert not any("lora" in n for n, _ in rm.named_parameters())
+
+
+def test_resume_continues_exactly(ray_cluster, tmp_path):
+    straight = train(tmp_path, "straight", trainers=2, max_steps=6)
+    part = train(tmp_path, "resumed", trainers=2, max_steps=6, ckpt_interval=3)
+    # Throw away the finished run's end state, keep the step-3 checkpoint, and resume from it.
+    import shutil
+
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_6")
+    resumed = train(tmp_path, "resumed", trainers=2, max_steps=6, resume=True)
+    assert resumed.start_step == 3 and len(resumed.history) == 3
+    assert [h["train/loss"] for h in resumed.history] == pytest.approx([h["train/loss"] for h in straight.history[3:]],
+                                                                       rel=1e-6)
+    assert max_diff(weights(straight.save_path), weights(resumed.save_path)) < 1e-6
+    assert part.history[-1]["train/loss"] == pytest.approx(straight.history[-1]["train/loss"], rel=1e-6)
+
+
+def test_lora_trains_only_adapter_parameters(tmp_path):
+    from coati_ray.cluster.group import TrainerGroup
+    from coati_ray.pipelines.supervised import make_job
+
+    ta = TrainArgs(batch_size=4, max_steps=3, save_path=str(tmp_path / "lora"), warmup_ratio=0.0)
+    job = make_job("sft", ModelArgs(preset_size="micro", lora_rank=4, lora_target_modules="q_proj,v_proj"),
+                   DataArgs(max_samples=100), ta, None)
+    group = TrainerGroup(1, local=True)
+    worker = group.workers[0]
+    try:
+        info = group.setup(job)
+        before = {n: p.detach().clone() for n, p in worker.model.named_parameters()}
+        for _ in range(3):
+            group.train_step()
+        after = dict(worker.model.named_parameters())
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        trainable = {n for n, p in after.items() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)
+        assert changed and changed <= trainable  # every changed tensor is an adapter tensor
+        assert any("lora_B" in n for n in changed)  # B starts at zero, so it must have moved
+        assert info.trainable_params < 0.2 * info.params
+        group.save_model(ta.save_path)  # not merged: an adapter directory
+    finally:
+        group.shutdown()
+    files = {p.name for p in (tmp_path / "lora").iterdir()}
+    assert "adapter_config.json" in files and "model.safetensors" not in files
+    reloaded = load_causal_lm(ta.save_path)  # base + adapter
+    assert any("lora_" in n for n, _ in reloaded.named_parameters())
+
+
+def test_bad_data_inside_an_actor_reaches_the_driver_as_the_same_clear_error(ray_cluster, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        train(tmp_path, "bad", data=DataArgs(dataset=str(bad), eval_split=0.0))
+    assert f"{bad}, line 2, row 1, field 'output'" in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "bloom"])
+def test_every_seed_family_trains_and_saves(tmp_path, family):
+    r = train(tmp_path, family, local=True, max_steps=3, model=ModelArgs(model=family, preset_size="micro"))
+    assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in r.history)
+    assert load_causal_lm(r.save_path, family).config.model_type == family
+
+
+def test_bf16_autocast_trains(tmp_path):
+    r = train(tmp_path, "bf16", local=True, max_steps=30, batch_size=16, lr=3e-3,
+              model=ModelArgs(preset_size="micro", dtype="bf16"))
+    assert r.history[-1]["train/loss"] < r.history[0]["train/loss"] - 1.0
+    assert load_file(f"{r.save_path}/model.safetensors")["lm_head.weight"].dtype == torch.float32  # fp32 masters

@@ -1,0 +1,56 @@
+import json
+import random
+
+import pytest
+
+from coati_ray.data import demo
+
+
+def test_same_seed_writes_identical_files_and_other_seed_differs(tmp_path):
+    a = demo.write_demo_data(tmp_path / "a", seed=1, n_sft=50, n_pairs=50, n_prompts=20, n_eval=10, n_pretrain=10)
+    b = demo.write_demo_data(tmp_path / "b", seed=1, n_sft=50, n_pairs=50, n_prompts=20, n_eval=10, n_pretrain=10)
+    c = demo.write_demo_data(tmp_path / "c", seed=2, n_sft=50, n_pairs=50, n_prompts=20, n_eval=10, n_pretrain=10)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == ["pretrain.jsonl", "prompts_eval.jsonl", "prompts_train.csv", "prompts_train.jsonl",
+                     "rm_eval.jsonl", "rm_train.jsonl", "sft_eval.jsonl", "sft_train.json"]
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes()
+    assert (a / "sft_train.json").read_bytes() != (c / "sft_train.json").read_bytes()
+
+
+def test_files_have_the_seeds_columns_and_both_languages(demo_dir):
+    sft = json.loads((demo_dir / "sft_train.json").read_text(encoding="utf-8"))
+    assert set(sft[0]) == {"instruction", "input", "output"}
+    pairs = [json.loads(l) for l in (demo_dir / "rm_train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert set(pairs[0]) == {"prompt", "chosen", "rejected"}
+    assert (demo_dir / "prompts_train.csv").read_text(encoding="utf-8").splitlines()[0] == "prompt"
+    langs = {demo.solve(r["prompt"]).lang for r in pairs}
+    assert langs == {"en", "zh"}
+    assert any(r["input"] for r in sft) and any(not r["input"] for r in sft)
+
+
+@pytest.mark.parametrize("index", range(len(demo.TEMPLATES)))
+def test_gold_score_recovers_every_template(index):
+    lang, op, template = demo.TEMPLATES[index]
+    text = template.format(name="Tom" if lang == "en" else "小明", item="apple" if lang == "en" else "个苹果", a=7, b=3)
+    p = demo.solve("some system text. " + text)
+    assert (p.lang, p.op, p.a, p.b) == (lang, op, 7, 3)
+    expected = {"+": 10, "-": 4, "*": 21}[op]
+    right = f"The answer is {expected}." if lang == "en" else f"答案是{expected}。"
+    wrong = f"The answer is {expected + 1}." if lang == "en" else f"答案是{expected + 1}。"
+    assert demo.gold_score(text, right) == 1.0
+    assert demo.gold_score(text, wrong) == 0.0
+    assert demo.gold_score(text, "no idea") == 0.0
+
+
+def test_gold_score_rejects_foreign_prompt():
+    with pytest.raises(ValueError, match="not a demo arithmetic prompt"):
+        demo.gold_score("Write a poem about the sea.", "The answer is 3.")
+
+
+def test_chosen_always_scores_one_and_rejected_never_beats_it():
+    rng = random.Random(0)
+    for _ in range(300):
+        p = demo.make_problem(rng)
+        assert demo.gold_score(p.text, demo.solution(p)) == 1.0
+        assert demo.gold_score(p.text, demo.rejected_response(p, rng)) == 0.0
