@@ -23,6 +23,8 @@ def main(argv=None):
     ap.add_argument("--strategy", default=d.strategy)
     ap.add_argument("--sft_epochs", type=int, default=d.sft_epochs)
     ap.add_argument("--rm_epochs", type=int, default=d.rm_epochs)
+    ap.add_argument("--sft_lr", type=float, default=d.sft_lr)
+    ap.add_argument("--rm_lr", type=float, default=d.rm_lr)
     ap.add_argument("--batch_size", type=int, default=d.batch_size)
     ap.add_argument("--eval_prompts", type=int, default=d.eval_prompts)
     ap.add_argument("--address", default=None, help="Ray cluster to join (default: embedded local Ray)")

@@ -29,6 +29,8 @@ class DemoArgs:
     strategy: str = "ddp"
     sft_epochs: int = 3
     rm_epochs: int = 2
+    sft_lr: float = 5e-4
+    rm_lr: float = 5e-4
     batch_size: int = 16
     eval_prompts: int = 200
     address: str | None = None
@@ -44,11 +46,11 @@ def run_demo(a: DemoArgs) -> dict:
     out = Path(a.out)
     cluster = ClusterArgs(trainers=a.trainers, address=a.address)
     sft = run_training("sft", ModelArgs(preset_size=a.preset_size), DataArgs(),
-                       TrainArgs(strategy=a.strategy, batch_size=a.batch_size, max_epochs=a.sft_epochs, lr=3e-3,
+                       TrainArgs(strategy=a.strategy, batch_size=a.batch_size, max_epochs=a.sft_epochs, lr=a.sft_lr,
                                  log_interval=50, save_path=str(out / "sft")), cluster)
     t_sft = time.perf_counter() - t0
     rm = run_training("rm", ModelArgs(pretrain=str(out / "sft")), DataArgs(),
-                      TrainArgs(strategy=a.strategy, batch_size=a.batch_size, max_epochs=a.rm_epochs, lr=1e-3,
+                      TrainArgs(strategy=a.strategy, batch_size=a.batch_size, max_epochs=a.rm_epochs, lr=a.rm_lr,
                                 log_interval=50, save_path=str(out / "rm")), cluster, rm=RMArgs())
     t_rm = time.perf_counter() - t0 - t_sft
     prompts = held_out_prompts(a.eval_prompts)

@@ -141,6 +141,8 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: Mod
 
 
 def _evaluate(group: TrainerGroup, result: TrainResult, writer, step: int, bar) -> None:
+    if result.setup.n_eval == 0:  # --eval_split 0 and no --eval_dataset
+        return
     ev = group.evaluate()
     ev["train/step"] = step
     result.evals.append(ev)

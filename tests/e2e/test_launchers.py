@@ -48,7 +48,7 @@ def test_malformed_dataset_row_via_launcher_names_file_line_and_field(tmp_path):
 def test_sft_launcher_trains_saves_and_resumes(tmp_path):
     out = tmp_path / "sft"
     common = ["--preset_size", "micro", "--max_samples", "200", "--batch_size", "8", "--save_path", str(out),
-              "--trainers", "2", "--ckpt_interval", "5", "--log_interval", "5"]
+              "--trainers", "2", "--ckpt_interval", "5", "--log_interval", "5", "--max_epochs", "3"]
     p = run("train_sft.py", *common, "--max_steps", "10")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "SFT done" in p.stdout and "step 10/10" in p.stdout + p.stderr
@@ -60,3 +60,13 @@ def test_sft_launcher_trains_saves_and_resumes(tmp_path):
     p = run("train_sft.py", *common, "--max_steps", "15", "--resume")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stderr and json.loads((out / "train_summary.json").read_text())["steps"] == 15
+
+
+def test_launcher_joins_a_running_cluster_with_address(ray_cluster, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    p = run("train_reward_model.py", "--address", address, "--preset_size", "micro", "--max_samples", "64",
+            "--batch_size", "8", "--max_steps", "2", "--save_path", str(tmp_path / "rm"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"joining Ray cluster at {address}" in p.stderr
+    assert "RM done: held-out accuracy" in p.stdout
+    assert (tmp_path / "rm" / "config.json").exists()

@@ -1,0 +1,1 @@
+"""Datasets, the demo task, the tokenizer and chat formatting."""

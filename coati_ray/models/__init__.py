@@ -1,0 +1,1 @@
+"""Model loading, presets, RLHF heads (log-probs, values) and LoRA."""
