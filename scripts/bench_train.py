@@ -8,7 +8,8 @@ size per process, measured in one run. Prints a table and writes JSON (--out).
     python scripts/bench_train.py --steps 40 --batch_size 8
 
 Throughput is measured at the driver (wall time around each step, Ray call overhead included);
-the median over steps after --warmup is reported. Peak memory is each process's peak RSS.
+all runs stay up and take turns in --rounds round-robin rounds, so machine noise hits them alike;
+the median over steps is reported. Peak memory is each process's peak RSS.
 """
 
 from __future__ import annotations
@@ -25,18 +26,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _job(args, strategy: str, trainers: int):
+def _job(args, strategy: str, trainers: int, total: int | None = None):
     from coati_ray.config import DataArgs, ModelArgs, TrainArgs
     from coati_ray.pipelines.supervised import make_job
 
-    ta = TrainArgs(strategy=strategy, batch_size=args.batch_size, max_steps=args.steps + args.warmup,
+    ta = TrainArgs(strategy=strategy, batch_size=args.batch_size, max_epochs=1000, max_steps=total,
                    save_path="/tmp/coati_bench", warmup_ratio=0.0)
     return make_job("sft", ModelArgs(pretrain=args.pretrain, preset_size=args.size),
                     DataArgs(max_samples=args.samples, max_len=args.max_len), ta, None)
 
 
 def plain_loop(args, conn) -> None:
-    """The baseline: one process, no Ray, no wrapper; the same task's model and batches."""
+    """The baseline: one process, no Ray, no wrapper; the same task's model and batches.
+
+    Runs as a child process that takes "run N steps" commands, so its rounds interleave with the
+    trainer groups' rounds and all see the same machine noise.
+    """
     import resource
 
     import torch
@@ -50,41 +55,65 @@ def plain_loop(args, conn) -> None:
     data = task.build_datasets().train
     model = task.build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    rates = []
-    for step in range(args.steps + args.warmup):
-        t0 = time.perf_counter()
-        items = data[step * args.batch_size:(step + 1) * args.batch_size]
-        batch = task.collate(items)
-        s, n, _ = task.loss(model, batch)
-        (s / n).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tokens = int(batch["attention_mask"].sum())
-        if step >= args.warmup:
-            rates.append(tokens / (time.perf_counter() - t0))
-    conn.send({"tokens_per_s": statistics.median(rates),
-               "peak_mb": [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]})
-
-
-def trainer_run(args, strategy: str, trainers: int) -> dict:
-    from coati_ray.cluster.group import TrainerGroup
-
-    cpus = (os.cpu_count() or 1) / trainers  # the same cores in total as the plain loop
-    group = TrainerGroup(trainers, cpus_per_trainer=cpus)
-    try:
-        info = group.setup(_job(args, strategy, trainers))
+    step = 0
+    while (n := conn.recv()) is not None:
         rates = []
-        for step in range(args.steps + args.warmup):
+        for _ in range(n):
             t0 = time.perf_counter()
-            m = group.train_step()
+            items = [data[(step * args.batch_size + i) % len(data)] for i in range(args.batch_size)]
+            batch = task.collate(items)
+            s, count, _ = task.loss(model, batch)
+            (s / count).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            rates.append(int(batch["attention_mask"].sum()) / (time.perf_counter() - t0))
+            step += 1
+        conn.send(rates)
+    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+class Plain:
+    def __init__(self, args):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=plain_loop, args=(args, child))
+        self.proc.start()
+
+    def run(self, n: int) -> tuple[list[float], list[float]]:
+        self.conn.send(n)
+        rates = self.conn.recv()
+        return rates, rates
+
+    def close(self) -> list[float]:
+        self.conn.send(None)
+        peak = self.conn.recv()
+        self.proc.join()
+        return [peak]
+
+
+class Trainers:
+    def __init__(self, args, strategy: str, trainers: int):
+        from coati_ray.cluster.group import TrainerGroup
+
+        cpus = (os.cpu_count() or 1) / trainers  # the same cores in total as the plain loop
+        self.group = TrainerGroup(trainers, cpus_per_trainer=cpus, name_prefix=f"bench-{strategy}{trainers}")
+        self.info = self.group.setup(_job(args, strategy, trainers, total=10 ** 6))
+
+    def run(self, n: int) -> tuple[list[float], list[float]]:
+        rates, inner = [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            m = self.group.train_step()
             wall = time.perf_counter() - t0
-            if step >= args.warmup:
-                rates.append(m["perf/tokens_per_s"] * m["perf/step_time"] / wall)
-        return {"tokens_per_s": statistics.median(rates), "peak_mb": group.peak_memory_mb(),
-                "params": info.params}
-    finally:
-        group.shutdown()
+            rates.append(m["perf/tokens_per_s"] * m["perf/step_time"] / wall)
+            inner.append(m["perf/tokens_per_s"])
+        return rates, inner
+
+    def close(self) -> list[float]:
+        peaks = self.group.peak_memory_mb()
+        self.group.shutdown()
+        return peaks
 
 
 def main() -> None:
@@ -92,8 +121,9 @@ def main() -> None:
     ap.add_argument("--pretrain", default=None, help="HF model dir (default: the tiny preset)")
     ap.add_argument("--size", default="tiny", choices=["tiny", "micro"])
     ap.add_argument("--batch_size", type=int, default=8, help="micro-batch per process")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6, help="round-robin rounds over all runs")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--max_len", type=int, default=256)
     ap.add_argument("--out", default="bench/train.json")
@@ -104,24 +134,37 @@ def main() -> None:
 
     setup_logging()
     _job(args, "ddp", 1)  # builds the defaults once, before any process races to
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    p = ctx.Process(target=plain_loop, args=(args, child))
-    p.start()
-    rows = {"plain PyTorch loop (1 process)": parent.recv()}
-    p.join()
-    init_ray(None, num_cpus=os.cpu_count() or 1)
+    runners = {"plain PyTorch loop (1 process)": Plain(args)}
+    init_ray(None, num_cpus=8)  # logical CPUs: all groups stay up, only one runs at a time
     for strategy in ("ddp", "fsdp"):
         for n in (1, 2):
-            rows[f"coati_ray {strategy}, {n} trainer{'s' if n > 1 else ''}"] = trainer_run(args, strategy, n)
+            note = " (1 rank: unwrapped)" if n == 1 and strategy == "fsdp" else ""
+            runners[f"coati_ray {strategy}, {n} trainer{'s' if n > 1 else ''}{note}"] = Trainers(args, strategy, n)
+    for r in runners.values():
+        r.run(args.warmup)
+    samples = {k: ([], []) for k in runners}
+    names = list(runners)
+    per_round = max(1, args.steps // args.rounds)
+    for rnd in range(args.rounds):  # round-robin, rotating who goes first
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            a, b = runners[name].run(per_round)
+            samples[name][0].extend(a)
+            samples[name][1].extend(b)
+    rows = {}
+    for name, r in runners.items():
+        rows[name] = {"tokens_per_s": statistics.median(samples[name][0]),
+                      "in_worker_tokens_per_s": statistics.median(samples[name][1]),
+                      "steps": len(samples[name][0]), "peak_mb": r.close()}
     base = rows["plain PyTorch loop (1 process)"]["tokens_per_s"]
     print(f"\nSFT throughput, {args.size} model, micro-batch {args.batch_size}, {os.cpu_count()} CPU cores, "
-          f"median of {args.steps} steps")
-    print(f"{'run':<34} {'tokens/s':>10} {'vs plain':>9} {'peak MB per process':>22}")
+          f"median of {args.steps} steps each, in {args.rounds} interleaved rounds")
+    print("tokens/s at the driver (Ray calls included); in-worker = the step alone")
+    print(f"{'run':<46} {'tokens/s':>9} {'vs plain':>9} {'in-worker':>10} {'peak MB per process':>20}")
     for name, r in rows.items():
         r["ratio_vs_plain"] = r["tokens_per_s"] / base
         peaks = ", ".join(f"{m:.0f}" for m in r["peak_mb"])
-        print(f"{name:<34} {r['tokens_per_s']:>10.0f} {r['ratio_vs_plain']:>9.2f} {peaks:>22}")
+        inner = f"{r['in_worker_tokens_per_s']:.0f}" if not name.startswith("plain") else "-"
+        print(f"{name:<46} {r['tokens_per_s']:>9.0f} {r['ratio_vs_plain']:>9.2f} {inner:>10} {peaks:>20}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "cpu_count": os.cpu_count(), "results": rows}, indent=1))
     print(f"wrote {args.out}")
