@@ -162,7 +162,6 @@ class ClusterArgs:
 class RMArgs:
     loss_fn: Literal["log_sig", "log_exp"] = _help("Pairwise loss: -log sigmoid(r_c - r_r) or "
                                                    "log(1 + exp(r_r - r_c)).", default="log_sig")
-    reward_l2: float = _help("Weight of an L2 penalty on the rewards, 0.5 (r_c^2 + r_r^2).", default=0.0)
 
 
 def validate_all(*parts) -> None:

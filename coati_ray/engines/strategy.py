@@ -99,7 +99,9 @@ class DDPStrategy(Strategy):
         return DDP(model, device_ids=ids, find_unused_parameters=False)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module if hasattr(model, "module") and not isinstance(model, nn.Sequential) else model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return model.module if isinstance(model, DDP) else model
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:

@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from coati_ray.cluster.ray_env import init_ray
 from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, RMArgs, TrainArgs, validate_all
 from coati_ray.defaults import demo_file
 from coati_ray.errors import DataError
-from coati_ray.models.loading import load_config, resolve_model_path
+from coati_ray.models.loading import check_family, load_config, resolve_model_path
 from coati_ray.workers.trainer import SetupInfo, TrainJob
 
 logger = logging.getLogger(__name__)
@@ -54,7 +53,8 @@ def latest_checkpoint(save_path: str) -> str | None:
 
 def make_job(stage: str, model: ModelArgs, data: DataArgs, train: TrainArgs, rm: RMArgs | None) -> TrainJob:
     model_path = resolve_model_path(model.pretrain, model.model, model.preset_size)
-    load_config(model_path)  # fail here, before any actor starts, if the model is unreadable
+    # Fail here, before any actor starts, if the model is unreadable or of the wrong family.
+    check_family(load_config(model_path), model.model, model_path)
     if data.dataset:
         train_file, eval_file = data.dataset, data.eval_dataset
     else:

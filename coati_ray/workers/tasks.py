@@ -147,7 +147,6 @@ class RMTask(Task):
     def __init__(self, *args, rm_args: RMArgs, **kw):
         super().__init__(*args, **kw)
         self.loss_fn = RM_LOSSES[rm_args.loss_fn]
-        self.reward_l2 = rm_args.reward_l2
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.seed)  # the new scalar head must be identical on every rank
@@ -171,8 +170,6 @@ class RMTask(Task):
     def loss(self, model, batch):
         chosen, rejected = self._rewards(model, batch)
         per_pair = self.loss_fn(chosen, rejected)  # (B,)
-        if self.reward_l2:
-            per_pair = per_pair + self.reward_l2 * 0.5 * (chosen ** 2 + rejected ** 2)
         return per_pair.sum(), chosen.shape[0], {"acc_sum": float((chosen > rejected).sum()),
                                                   "margin_sum": float((chosen - rejected).sum())}
 

@@ -19,7 +19,7 @@ import random
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +128,12 @@ class TrainerWorker:
 
     # --- training -------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:
-        idx = list(range(len(self.data.train)))
-        random.Random(self.job.train.seed * 1000 + epoch).shuffle(idx)
-        return idx
+        """The epoch's sample order: a function of (seed, epoch) only, so resuming needs no state."""
+        if getattr(self, "_order", (None,))[0] != epoch:
+            idx = list(range(len(self.data.train)))
+            random.Random(self.job.train.seed * 1000 + epoch).shuffle(idx)
+            self._order = (epoch, idx)
+        return self._order[1]
 
     def _micro_batches(self, step: int) -> list[list[int]]:
         epoch, k = divmod(step, self.steps_per_epoch)
