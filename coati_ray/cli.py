@@ -18,8 +18,15 @@ T = TypeVar("T")
 
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # Quiet the libraries' per-load chatter; our own logger says what matters.
-    for noisy in ("transformers", "datasets", "ray", "filelock", "urllib3"):
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Quiet the libraries' per-load chatter (progress bars, load reports); our logs say what matters.
+
+    Also called in every worker process, which does not run the launcher's setup.
+    """
+    for noisy in ("transformers", "datasets", "filelock", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -109,7 +109,7 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: Mod
             step = int(m["train/step"])
             result.history.append(m)
             bar.update(1)
-            bar.set_postfix(loss=f"{m['train/loss']:.4f}")
+            bar.set_postfix(loss=f"{m['train/loss']:.4f}", refresh=False)  # redraw at mininterval only
             for k, v in m.items():
                 writer.add_scalar(k, v, step)
             if step % ta.log_interval == 0 or step == info.total_steps:

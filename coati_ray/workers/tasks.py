@@ -170,8 +170,8 @@ class RMTask(Task):
     def loss(self, model, batch):
         chosen, rejected = self._rewards(model, batch)
         per_pair = self.loss_fn(chosen, rejected)  # (B,)
-        return per_pair.sum(), chosen.shape[0], {"acc_sum": float((chosen > rejected).sum()),
-                                                  "margin_sum": float((chosen - rejected).sum())}
+        c, r = chosen.detach(), rejected.detach()
+        return per_pair.sum(), chosen.shape[0], {"acc_sum": float((c > r).sum()), "margin_sum": float((c - r).sum())}
 
     def eval_sums(self, model, batch):
         chosen, rejected = self._rewards(model, batch)

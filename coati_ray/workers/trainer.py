@@ -71,6 +71,9 @@ def free_port() -> int:
 
 class TrainerWorker:
     def __init__(self, rank: int, world_size: int, num_threads: int = 1):
+        from coati_ray.cli import quiet_libraries
+
+        quiet_libraries()
         self.rank, self.world_size = rank, world_size
         torch.set_num_threads(max(1, num_threads))
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
