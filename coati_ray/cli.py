@@ -14,6 +14,7 @@ from typing import Callable, Sequence, TypeVar
 from coati_ray.errors import CoatiError
 
 T = TypeVar("T")
+logger = logging.getLogger("coati_ray")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -38,38 +39,25 @@ def quiet_libraries() -> None:
         pass
 
 
-def parse(dataclasses: Sequence[type], argv: Sequence[str] | None, description: str, positional: str | None = None):
+def parse(dataclasses: Sequence[type], argv: Sequence[str] | None, description: str):
     """Parse flags into one instance of each dataclass (field names are the flag names)."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(list(dataclasses), description=description)
     parser.add_argument("--local", action="store_true",
                         help="Run the single trainer in this process instead of as a Ray actor (debugging).")
-    if positional:
-        parser.add_argument(positional, nargs="?", default=None, help=f"Same as --{positional}.")
     *parts, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False,
                                                       look_for_args_file=False, args_file_flag=None)
     return parts, extra
 
 
 def run_main(fn: Callable[[], T]) -> T:
-    """Run `fn`, turning user errors into one clear line (including ones raised inside Ray actors)."""
+    """Run `fn`, turning user errors into one clear line and exit status 2.
+
+    Errors raised inside Ray actors arrive here already unwrapped (see `TrainerGroup._call`).
+    """
     try:
         return fn()
     except CoatiError as e:
-        print(f"error: {_user_message(e)}", file=sys.stderr)
+        logger.error("error: %s", e)
         sys.exit(2)
-    except Exception as e:  # a CoatiError raised in an actor arrives wrapped in RayTaskError
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, CoatiError):
-            print(f"error: {_user_message(cause)}", file=sys.stderr)
-            sys.exit(2)
-        raise
-
-
-def _user_message(e: BaseException) -> str:
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, CoatiError):
-        return str(cause)
-    msg = str(e)
-    return msg.split("\n")[0] if "Traceback" in msg else msg

@@ -62,8 +62,8 @@ def plain_loop(args, conn) -> None:
             t0 = time.perf_counter()
             items = [data[(step * args.batch_size + i) % len(data)] for i in range(args.batch_size)]
             batch = task.collate(items)
-            s, count, _ = task.loss(model, batch)
-            (s / count).backward()
+            s, _ = task.loss(model, batch)
+            (s / task.count(batch)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -128,6 +128,3 @@ def load_value_model(path: str, model: str = "auto", dtype: str = "fp32", pad_to
         m.config.pad_token_id = pad_token_id if pad_token_id is not None else config.eos_token_id
     return m
 
-
-def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

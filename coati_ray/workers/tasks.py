@@ -60,8 +60,10 @@ class Task:
     def columns(self): ...
     def tokenize(self, row: dict) -> Any: ...
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]: ...
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
-        """(summed loss, count to divide by, summed extra metrics) for one micro-batch."""
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the summed loss of this micro-batch is divided by (before the forward pass)."""
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """(summed loss, summed extra metrics) for one micro-batch."""
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]: ...
     def finish_eval(self, sums: dict[str, float]) -> dict[str, float]: ...
 
@@ -128,9 +130,12 @@ class SFTTask(Task):
                               ignore_index=fmt.IGNORE_INDEX)
         return nll, (labels.flatten() != fmt.IGNORE_INDEX)
 
+    def count(self, batch):
+        return int((batch["labels"][:, 1:] != fmt.IGNORE_INDEX).sum())  # response tokens that are predicted
+
     def loss(self, model, batch):
-        nll, mask = self._token_nll(model, batch)
-        return nll.sum(), int(mask.sum()), {}
+        nll, _ = self._token_nll(model, batch)
+        return nll.sum(), {}
 
     def eval_sums(self, model, batch):
         nll, mask = self._token_nll(model, batch)
@@ -167,11 +172,14 @@ class RMTask(Task):
         b = r.shape[0] // 2
         return r[:b], r[b:]
 
+    def count(self, batch):
+        return batch["input_ids"].shape[0] // 2  # pairs: chosen rows first, then rejected
+
     def loss(self, model, batch):
         chosen, rejected = self._rewards(model, batch)
         per_pair = self.loss_fn(chosen, rejected)  # (B,)
         c, r = chosen.detach(), rejected.detach()
-        return per_pair.sum(), chosen.shape[0], {"acc_sum": float((c > r).sum()), "margin_sum": float((c - r).sum())}
+        return per_pair.sum(), {"acc_sum": float((c > r).sum()), "margin_sum": float((c - r).sum())}
 
     def eval_sums(self, model, batch):
         chosen, rejected = self._rewards(model, batch)

@@ -162,14 +162,14 @@ class TrainerWorker:
         t0 = time.perf_counter()
         self.model.train()
         batches = [self.task.collate([self.data.train[i] for i in mb]) for mb in self._micro_batches(self.step)]
-        counts = [self._count(b) for b in batches]
+        counts = [self.task.count(b) for b in batches]
         global_count, = self._all_reduce([float(sum(counts))])
         loss_sum, extras, tokens = 0.0, {}, 0
         for j, batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             last = j == len(batches) - 1
             with self.strategy.no_sync(self.model, sync=last), self._autocast():
-                s, _, extra = self.task.loss(self.model, batch)
+                s, extra = self.task.loss(self.model, batch)
                 # x world_size: DDP/FSDP average gradients over ranks, we want the global-count mean.
                 (s * (self.world_size / global_count)).backward()
             loss_sum += float(s.detach())
@@ -191,11 +191,6 @@ class TrainerWorker:
             metrics[f"train/{k.removesuffix('_sum')}"] = v / global_count
         return metrics
 
-    def _count(self, batch: dict[str, torch.Tensor]) -> int:
-        if "labels" in batch:
-            return int((batch["labels"][:, 1:] != -100).sum())
-        return batch["input_ids"].shape[0] // 2
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
@@ -206,8 +201,8 @@ class TrainerWorker:
             with self._autocast():
                 for k, v in self.task.eval_sums(self.model, batch).items():
                     sums[k] = sums.get(k, 0.0) + v
-        # FSDP needs every rank in every forward; ranks with fewer eval items run no extra batch,
-        # so shards are equal-sized or off by one micro-batch at most. Pad to equal batch counts:
+        # FSDP gathers parameters in every forward, so all ranks must run the same number of
+        # forwards: a rank with fewer eval batches runs dummy ones whose results are discarded.
         n_local = math.ceil(len(items) / self.micro)
         n_max = int(self._all_reduce_max(n_local))
         for _ in range(n_max - n_local):
