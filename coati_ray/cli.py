@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from coati_ray.errors import CoatiError
 
@@ -39,13 +40,20 @@ def quiet_libraries() -> None:
         pass
 
 
-def parse(dataclasses: Sequence[type], argv: Sequence[str] | None, description: str):
-    """Parse flags into one instance of each dataclass (field names are the flag names)."""
+def parse(dataclasses: Sequence[type], argv: Sequence[str] | None, description: str,
+          positional: Sequence[tuple[str, str]] = (), local_flag: bool = True):
+    """Parse flags into one instance of each dataclass (field names are the flag names).
+
+    `positional`: optional (name, help) positional arguments, returned on the extra namespace.
+    """
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(list(dataclasses), description=description)
-    parser.add_argument("--local", action="store_true",
-                        help="Run the single trainer in this process instead of as a Ray actor (debugging).")
+    for name, text in positional:
+        parser.add_argument(name, nargs="?", default=None, help=text)
+    if local_flag:
+        parser.add_argument("--local", action="store_true",
+                            help="Run the single trainer in this process instead of as a Ray actor (debugging).")
     *parts, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False,
                                                       look_for_args_file=False, args_file_flag=None)
     return parts, extra

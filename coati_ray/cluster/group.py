@@ -15,45 +15,64 @@ from coati_ray.workers.trainer import SetupInfo, TrainerWorker, TrainJob
 logger = logging.getLogger(__name__)
 
 
+def start_actor(cls: type, name: str, args: tuple, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                resources: dict[str, float] | None = None, **options):
+    """Start `cls` as a Ray actor named `name` (a leftover actor of that name is killed first)."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name))  # a previous run in this namespace left it behind
+    except ValueError:
+        pass
+    return ray.remote(cls).options(name=name, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                                   **options).remote(*args)
+
+
+def get_unwrapped(refs):
+    """ray.get, re-raising a user error (CoatiError) from an actor as itself, not wrapped."""
+    import ray
+
+    from coati_ray.errors import CoatiError
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause
+        while isinstance(cause, ray.exceptions.RayTaskError):  # raised on through another actor
+            cause = cause.cause
+        if isinstance(cause, CoatiError):  # the user's error, as raised in the actor
+            raise cause from None
+        raise
+
+
 class TrainerGroup:
+    worker_cls: type = TrainerWorker
+
     def __init__(self, num_trainers: int, cpus_per_trainer: float = 1.0, gpus_per_trainer: float = 0.0,
-                 local: bool = False, name_prefix: str = "trainer"):
+                 local: bool = False, name_prefix: str = "trainer", resources: dict[str, float] | None = None):
         self.n, self.local = num_trainers, local
         if local:
             if num_trainers != 1:
                 raise ValueError("local (in-process) mode runs exactly one trainer")
-            self.workers: list[Any] = [TrainerWorker(0, 1, num_threads=int(cpus_per_trainer))]
+            self.workers: list[Any] = [self.worker_cls(0, 1, num_threads=int(cpus_per_trainer))]
             return
         import ray
 
-        remote_cls = ray.remote(TrainerWorker)
-        self.workers = []
-        for rank in range(num_trainers):
-            name = f"{name_prefix}-{rank}"
-            try:
-                existing = ray.get_actor(name)
-            except ValueError:
-                existing = None
-            if existing is not None:  # a previous run in this namespace left it behind
-                ray.kill(existing)
-            self.workers.append(remote_cls.options(name=name, num_cpus=cpus_per_trainer, num_gpus=gpus_per_trainer)
-                                .remote(rank, num_trainers, max(1, int(cpus_per_trainer))))
+        self.workers = [start_actor(self.worker_cls, f"{name_prefix}-{rank}",
+                                    (rank, num_trainers, max(1, int(cpus_per_trainer))),
+                                    cpus_per_trainer, gpus_per_trainer, resources)
+                        for rank in range(num_trainers)]
         addr, port = ray.get(self.workers[0].master_address.remote())
         ray.get([w.init_process_group.remote(addr, port) for w in self.workers])
+
+    def _call_refs(self, method: str, *args, **kwargs) -> list[Any]:
+        """Start `method` on every rank; the ObjectRefs of the results (nothing fetched)."""
+        return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
 
     def _call(self, method: str, *args, **kwargs) -> list[Any]:
         if self.local:
             return [getattr(w, method)(*args, **kwargs) for w in self.workers]
-        import ray
-
-        from coati_ray.errors import CoatiError
-
-        try:
-            return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, CoatiError):  # the user's error, as raised in the actor
-                raise e.cause from None
-            raise
+        return get_unwrapped(self._call_refs(method, *args, **kwargs))
 
     # Typed wrappers: every rank runs the method at once (they meet in collectives).
     def setup(self, job: TrainJob) -> SetupInfo:

@@ -1,9 +1,14 @@
 """Forward passes that return what RLHF needs: per-token log-probs (actor) and values (critic/RM).
 
-Both call the (possibly DDP/FSDP/peft-wrapped) model itself, so distributed gradient hooks fire.
+All call the (possibly DDP/FSDP/peft-wrapped) model itself, so distributed gradient hooks fire.
+Rollouts are left-padded, so every forward passes position ids counted from the first real
+token, as `generate()` does; otherwise a trainer would score a sequence at other positions than
+the generator sampled it (llama's forward numbers positions from column 0 when given none).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -11,15 +16,45 @@ from torch import nn
 from coati_ray.algos.logprobs import log_probs_from_logits
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... from each row's first attended token (left padding gets 0). (B, T) -> (B, T)"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _takes_position_ids(model: nn.Module) -> bool:
+    """Whether the HF model inside any wrappers accepts `position_ids` (bloom uses ALiBi instead)."""
+    cached = getattr(model, "_coati_takes_pos", None)
+    if cached is None:
+        from transformers import PreTrainedModel
+
+        inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+        cached = inner is not None and "position_ids" in inspect.signature(inner.forward).parameters
+        model._coati_takes_pos = cached
+    return cached
+
+
+def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """model(...) with position ids that respect left padding."""
+    kw = {"position_ids": position_ids(attention_mask)} if _takes_position_ids(model) else {}
+    return model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+
 def action_log_probs(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                     num_actions: int | None = None) -> torch.Tensor:
+                     num_actions: int | None = None, temperature: float = 1.0,
+                     return_logits: bool = False):
     """log p(token_t | tokens_<t) for the last `num_actions` tokens of each sequence.
 
-    sequences, attention_mask: (B, T) -> (B, num_actions) (or (B, T-1) when num_actions is None).
+    p is softmax(logits / temperature): the distribution the generator samples from.
+    sequences, attention_mask: (B, T) -> (B, num_actions) (or (B, T-1) when num_actions is None);
+    with return_logits also the matching (B, num_actions, V) scaled logits (for the entropy).
     """
-    logits = model(input_ids=sequences, attention_mask=attention_mask).logits  # (B, T, V)
-    lp = log_probs_from_logits(logits[:, :-1], sequences[:, 1:])  # (B, T-1)
-    return lp if num_actions is None else lp[:, -num_actions:]
+    logits = forward(model, sequences, attention_mask).logits  # (B, T, V)
+    start = 0 if num_actions is None else sequences.shape[1] - 1 - num_actions
+    logits = logits[:, start:-1]  # (B, A, V): position t predicts token t + 1
+    if temperature != 1.0:
+        logits = logits / temperature
+    lp = log_probs_from_logits(logits, sequences[:, start + 1:])  # (B, A)
+    return (lp, logits) if return_logits else lp
 
 
 def _score_module(model: nn.Module) -> nn.Module:
@@ -43,7 +78,7 @@ def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     captured: list[torch.Tensor] = []
     handle = _score_module(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask)
+        forward(model, input_ids, attention_mask)
     finally:
         handle.remove()
     return captured[-1].squeeze(-1).float()  # (B, T)

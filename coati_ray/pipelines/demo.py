@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,3 +75,32 @@ def _preset_path(size: str) -> str:
     from coati_ray.models.loading import resolve_model_path
 
     return resolve_model_path(None, "llama", size)
+
+
+# The stage-1/2 models PPO starts from when no --pretrain / --rm_path is given. The SFT is
+# deliberately short (one epoch): a policy that already solves every demo problem would leave PPO
+# nothing to improve, and the reward model trained from it still ranks held-out pairs well.
+DEMO_MODEL_SETTINGS = {"sft_epochs": 1, "rm_epochs": 2, "lr": 5e-4, "batch_size": 16}
+
+
+def ensure_demo_models(preset_size: str = "tiny", cluster: ClusterArgs | None = None) -> dict[str, str]:
+    """Paths of the demo SFT policy and reward model under the cache, trained first if missing."""
+    from coati_ray.defaults import _build_once, cache_dir
+
+    s = DEMO_MODEL_SETTINGS
+    cluster = cluster or ClusterArgs()
+    root = cache_dir() / "demo_models" / preset_size
+
+    def build(tmp: Path) -> None:
+        logger.info("training the demo SFT and reward models once (about 4 minutes on 2 cores) into %s", root)
+        run_training("sft", ModelArgs(preset_size=preset_size), DataArgs(),
+                     TrainArgs(batch_size=s["batch_size"], max_epochs=s["sft_epochs"], lr=s["lr"], log_interval=50,
+                               save_path=str(tmp / "sft")), cluster, progress=False)
+        run_training("rm", ModelArgs(pretrain=str(tmp / "sft")), DataArgs(),
+                     TrainArgs(batch_size=s["batch_size"], max_epochs=s["rm_epochs"], lr=s["lr"], log_interval=50,
+                               save_path=str(tmp / "rm")), cluster, rm=RMArgs(), progress=False)
+        for sub in ("sft", "rm"):
+            shutil.rmtree(tmp / sub / "checkpoints", ignore_errors=True)
+
+    _build_once(root, build)
+    return {"sft": str(root / "sft"), "rm": str(root / "rm")}

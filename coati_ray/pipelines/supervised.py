@@ -20,7 +20,14 @@ from pathlib import Path
 
 from coati_ray.cluster.group import TrainerGroup
 from coati_ray.cluster.ray_env import init_ray
-from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, RMArgs, TrainArgs, validate_all
+from coati_ray.config import (
+    ClusterArgs,
+    DataArgs,
+    ModelArgs,
+    RMArgs,
+    TrainArgs,
+    validate_all,
+)
 from coati_ray.defaults import demo_file
 from coati_ray.errors import DataError
 from coati_ray.models.loading import check_family, load_config, resolve_model_path
@@ -44,10 +51,11 @@ class TrainResult:
         return self.evals[-1] if self.evals else {}
 
 
-def latest_checkpoint(save_path: str) -> str | None:
+def latest_checkpoint(save_path: str, marker: str = "trainer_state.json") -> str | None:
+    """The complete checkpoint with the highest step under save_path/checkpoints (`marker` present)."""
     ckpts = Path(save_path) / "checkpoints"
     steps = [(int(m.group(1)), p) for p in ckpts.glob("step_*") if (m := re.fullmatch(r"step_(\d+)", p.name))
-             and (p / "trainer_state.json").exists()]
+             and (p / marker).exists()]
     return str(max(steps)[1]) if steps else None
 
 

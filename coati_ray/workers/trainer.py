@@ -26,7 +26,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from coati_ray.config import PRESET_LR, PRETRAINED_LR, DataArgs, ModelArgs, RMArgs, TrainArgs
+from coati_ray.config import (
+    PRESET_LR,
+    PRETRAINED_LR,
+    DataArgs,
+    ModelArgs,
+    RMArgs,
+    TrainArgs,
+)
 from coati_ray.engines.strategy import make_strategy
 from coati_ray.models.lora import is_peft
 from coati_ray.workers.tasks import RMTask, SFTTask, Task
@@ -220,12 +227,20 @@ class TrainerWorker:
         return float(t.item())
 
     # --- saving ---------------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        """A fresh, unwrapped copy of the trained model's structure (what saving loads into)."""
+        return self.task.build_model()
+
+    @property
+    def tokenizer(self):
+        return self.task.tokenizer
+
     def save_model(self, path: str, merge_lora: bool = False) -> None:
         """Write the trained model as an HF directory (rank 0 writes; every rank must call)."""
         model_sd, _ = self.strategy.state_dicts(self.model, None)
         if self.rank == 0:
             with torch.random.fork_rng(devices=[]):  # building must not move the training RNG
-                model = self.task.build_model()  # a plain CPU copy with the same structure
+                model = self.build_model()  # a plain CPU copy with the same structure
             model.load_state_dict(model_sd)
             if is_peft(model) and merge_lora:
                 model = model.merge_and_unload()
@@ -235,7 +250,7 @@ class TrainerWorker:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             model.save_pretrained(str(tmp))
-            self.task.tokenizer.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
             for f in tmp.iterdir():
                 os.replace(f, out / f.name)
             tmp.rmdir()

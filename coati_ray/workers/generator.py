@@ -1,0 +1,180 @@
+"""Generator actor: rollouts on its own shard of the prompts, scored into experience chunks.
+
+One `rollout(step, min_version, weights, kl_coef)` call, made by the replay buffer when it has
+room (so the buffer owns the returned chunk):
+    0. load the newer weights first if this generator holds a version below `min_version`
+    1. take this step's prompts from the shard (a function of seed, episode and step only)
+    2. sample `n_samples_per_prompt` responses each with the backend (log-probs included)
+    3. reference log-probs and reward scores from a reference and a reward actor, which read the
+       rollout straight from the object store
+    4. per-token KL; critic-free estimators (grpo, rloo) also get their advantages here
+    5. return (chunk, metadata) as two objects: the buffer keeps the first as a reference and
+       reads only the second
+The driver never sees the chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import replace
+
+import torch
+
+from coati_ray.algos.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    NEEDS_CRITIC,
+    normalize_scores,
+)
+from coati_ray.algos.kl import token_kl
+from coati_ray.engines.generation import SamplingParams, WeightUpdate, make_backend
+from coati_ray.experience import Experience
+from coati_ray.workers.job import PPOJob
+
+logger = logging.getLogger(__name__)
+
+
+def shard_size(n_prompts: int, index: int, num_generators: int) -> int:
+    return len(range(index, n_prompts, num_generators))
+
+
+def prompts_per_step(experience_batch_size: int, index: int, num_generators: int) -> int:
+    """This generator's share of a step's prompts (the first ones take the remainder)."""
+    q, r = divmod(experience_batch_size, num_generators)
+    return q + (index < r)
+
+
+def steps_per_episode(n_prompts: int, experience_batch_size: int, num_generators: int) -> int:
+    return min(shard_size(n_prompts, i, num_generators) // max(1, prompts_per_step(experience_batch_size, i, num_generators))
+               for i in range(num_generators) if prompts_per_step(experience_batch_size, i, num_generators))
+
+
+class GeneratorWorker:
+    def __init__(self, index: int, job: PPOJob, references: list, rewards: list, num_threads: int = 1):
+        from coati_ray.cli import quiet_libraries
+        from coati_ray.data.formatting import render_prompt
+        from coati_ray.data.loading import load_rows, prompt_columns
+        from coati_ray.models.loading import load_tokenizer
+
+        quiet_libraries()
+        torch.set_num_threads(max(1, num_threads))
+        self.index, self.job = index, job
+        self.reference = references[index % len(references)]
+        self.reward = rewards[index % len(rewards)]
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.tokenizer = load_tokenizer(job.policy_path)
+        rows = load_rows(job.prompt_file, prompt_columns(job.data.keys()), job.data.skip_bad_rows).dataset
+        self.shard = list(range(index, len(rows), job.num_generators))  # disjoint: row i goes to i % N
+        max_prompt = max(8, job.data.max_len - job.ppo.max_new_tokens)
+        self.prompt_ids = {i: self.tokenizer(render_prompt(self.tokenizer, rows[i]["prompt"]),
+                                             add_special_tokens=False)["input_ids"][-max_prompt:] for i in self.shard}
+        self.per_step = prompts_per_step(job.ppo.experience_batch_size, index, job.num_generators)
+        self.backend = make_backend(job.ppo.generator_backend, job.policy_path, job.model.model, job.model.dtype,
+                                    job.lora, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.device,
+                                    job.ppo.seed)
+        self.version = 0
+        self.rollouts = 0
+
+    # --- weights ----------------------------------------------------------------------------------
+    def load_weights(self, update: WeightUpdate) -> float:
+        """Load `update` if it is newer than what this generator holds; returns the seconds it took."""
+        t0 = time.perf_counter()
+        if update.version <= self.version:
+            return 0.0
+        self.backend.load_weights(update)
+        self.version = update.version
+        return time.perf_counter() - t0
+
+    def weight_version(self) -> int:
+        return self.version
+
+    def log_probs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int) -> torch.Tensor:
+        return self.backend.log_probs(sequences, attention_mask, num_actions, self.job.ppo.temperature)
+
+    def sync_check(self, weights: list, exp: Experience, rows: int = 2) -> tuple[int, torch.Tensor]:
+        """(version, log-probs of the first `rows` of `exp`) after loading `weights` if newer."""
+        import ray
+
+        update: WeightUpdate = ray.get(weights[0])
+        self.load_weights(update)
+        e = exp.select(list(range(min(rows, exp.size))))
+        return self.version, self.log_probs(e.sequences, e.attention_mask, e.num_actions)
+
+    # --- rollouts -----------------------------------------------------------------------------------
+    def step_prompts(self, step: int, steps_per_epi: int) -> list[int]:
+        episode, k = divmod(step, steps_per_epi)
+        order = list(self.shard)
+        random.Random(self.job.ppo.seed * 7919 + episode * 104729 + self.index).shuffle(order)
+        return order[k * self.per_step:(k + 1) * self.per_step]
+
+    def rollout(self, step: int, min_version: int, weights: list, kl_coef: float, steps_per_epi: int):
+        """Make this generator's share of step `step`: returns (Experience, ChunkMeta)."""
+        import ray
+
+        from coati_ray.workers.buffer import ChunkMeta
+
+        t_load = 0.0
+        if self.version < min_version:  # 0. never generate with weights older than asked for
+            update: WeightUpdate = ray.get(weights[0])
+            if update.version < min_version:
+                raise RuntimeError(f"generator-{self.index}: step {step} needs weights v{min_version}, got v{update.version}")
+            t_load = self.load_weights(update)
+        ppo, n = self.job.ppo, self.job.ppo.n_samples_per_prompt
+        prompts = self.step_prompts(step, steps_per_epi)
+        # 1-2. sample; seeded by (seed, step, generator) so a resumed run samples what the original did
+        t0 = time.perf_counter()
+        params = SamplingParams(ppo.temperature, ppo.top_p, ppo.top_k, ppo.max_new_tokens,
+                                seed=ppo.seed * 1_000_003 + step * 1009 + self.index)
+        ids = [self.prompt_ids[i] for i in prompts for _ in range(n)]
+        out = self.backend.generate(ids, params)
+        slot0 = step * ppo.experience_batch_size + sum(
+            prompts_per_step(ppo.experience_batch_size, g, self.job.num_generators) for g in range(self.index))
+        sample_ids = [(slot0 + j // n) * n + j % n for j in range(len(ids))]  # unique over steps and generators
+        exp = self._to_experience(ids, out, sample_ids, [i for i in prompts for _ in range(n)])
+        t1 = time.perf_counter()
+        # 3. reference and reward read the rollout from the object store (not via the driver)
+        rollout_ref = ray.put(exp)
+        ref_lp, score = ray.get([self.reference.log_probs.remote(rollout_ref, ppo.temperature),
+                                 self.reward.score.remote(rollout_ref)])
+        # 4. KL and (critic-free) advantages
+        kl = token_kl(exp.log_probs, ref_lp, exp.action_mask, ppo.kl_estimator)
+        shaped = normalize_scores(score, ppo.reward_clip, ppo.normalize_reward)
+        exp = replace(exp, ref_log_probs=ref_lp, kl=kl, score=shaped, raw_score=score)
+        if not NEEDS_CRITIC[ppo.advantage_estimator]:
+            adv, ret = ADVANTAGE_ESTIMATORS[ppo.advantage_estimator](
+                shaped, kl, exp.action_mask, kl_coef, None, n, ppo.gamma, ppo.lam)
+            exp = replace(exp, advantages=adv, returns=ret)
+        t2 = time.perf_counter()
+        self.rollouts += 1
+        lengths = exp.action_mask.sum(1)
+        k1 = (exp.log_probs - ref_lp) * exp.action_mask
+        stats = {"score_sum": float(score.sum()), "score_sq": float(score.square().sum()),
+                 "kl_sum": float(k1.sum()), "length_sum": float(lengths.sum()),
+                 "finished": float(sum(g.finished for g in out)), "tokens": float(lengths.sum()),
+                 "generate_s": t1 - t0, "score_s": t2 - t1, "load_s": t_load}
+        return exp, ChunkMeta(step, self.version, sample_ids, self.index, stats)
+
+    def rollouts_done(self) -> int:
+        return self.rollouts
+
+    def _to_experience(self, prompts: list[list[int]], out, sample_ids: list[int], prompt_index: list[int]) -> Experience:
+        pad = self.tokenizer.pad_token_id
+        P = max(len(p) for p in prompts)
+        A = max(1, max(len(g.token_ids) for g in out))
+        B = len(prompts)
+        seq = torch.full((B, P + A), pad, dtype=torch.long)
+        mask = torch.zeros((B, P + A), dtype=torch.long)
+        action_mask = torch.zeros((B, A))
+        log_probs = torch.zeros((B, A))
+        for i, (p, g) in enumerate(zip(prompts, out)):
+            seq[i, P - len(p):P] = torch.tensor(p)
+            mask[i, P - len(p):P] = 1
+            r = g.token_ids or [self.tokenizer.eos_token_id]  # an empty response still ends somewhere
+            seq[i, P:P + len(r)] = torch.tensor(r)
+            mask[i, P:P + len(r)] = 1
+            action_mask[i, :len(r)] = 1
+            log_probs[i, :len(g.log_probs)] = torch.tensor(g.log_probs)
+        n = len(prompts)
+        return Experience(seq, mask, action_mask, log_probs, torch.zeros(n), torch.tensor(sample_ids),
+                          torch.full((n,), self.version), torch.tensor(prompt_index))

@@ -1,0 +1,153 @@
+"""Policy trainer rank: PPO (+PTX) updates on a step's experience, and weight publishing.
+
+Loss per minibatch (token-mean over the *global* minibatch, see `algos/losses.py`):
+    policy = clipped surrogate;  ptx = LM cross-entropy on --pretrain_dataset
+    actor loss = (1 - ptx_coef) * policy + ptx_coef * ptx - entropy_coef * entropy
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from coati_ray.algos.losses import combine_actor_loss, entropy_from_logits, policy_loss
+from coati_ray.config import PPO_PRESET_LR, PPO_PRETRAINED_LR
+from coati_ray.data import formatting as fmt
+from coati_ray.engines.generation import WeightUpdate
+from coati_ray.models.heads import action_log_probs, forward
+from coati_ray.workers.job import PPOJob
+from coati_ray.workers.ppo_common import PPOTrainerBase
+
+
+@dataclass
+class PolicyTrainOut:
+    metrics: dict[str, float]
+    sample_ids: list[list[int]]  # per PPO epoch, the ids this rank trained on
+    versions: list[int]  # weight version of every sample of the step
+
+
+class PolicyWorker(PPOTrainerBase):
+    def setup_ppo(self, job: PPOJob) -> dict[str, float]:
+        lr = job.ppo.lr or (PPO_PRESET_LR if job.is_preset else PPO_PRETRAINED_LR)
+        info = self._setup_common(job, lr)
+        self.ptx: list[list[int]] = []
+        if job.pretrain_file and job.ppo.ptx_coef > 0:
+            from coati_ray.data.loading import load_rows, text_columns
+
+            rows = load_rows(job.pretrain_file, text_columns({}), job.data.skip_bad_rows).dataset
+            self.ptx = [ids for r in rows if len(ids := fmt.tokenize_text(self._tokenizer, r["text"], job.data.max_len)) > 1]
+        self.updates = 0  # optimizer steps so far: the PTX data position
+        self.version = 0
+        return info
+
+    def build_model(self) -> torch.nn.Module:
+        from coati_ray.models.loading import load_causal_lm
+        from coati_ray.models.lora import apply_lora
+
+        job = self.job
+        torch.manual_seed(job.ppo.seed)  # identical LoRA init on every rank and in the generators
+        model = load_causal_lm(job.policy_path, job.model.model, "fp32")
+        if job.lora:
+            model = apply_lora(model, job.lora["rank"], job.lora["alpha"], job.model.lora_dropout,
+                               job.lora["target_modules"], "causal_lm")
+        return model
+
+    # --- training -----------------------------------------------------------------------------------
+    def _ptx_batch(self) -> dict[str, torch.Tensor]:
+        tbs, n = self.job.ppo.train_batch_size, len(self.ptx)
+        start = (self.updates * self.world_size + self.rank) * tbs
+        items = [self.ptx[(start + i) % n] for i in range(tbs)]
+        ids = fmt.pad_batch(items, self._tokenizer.pad_token_id)
+        mask = fmt.pad_batch([[1] * len(x) for x in items], 0)
+        labels = ids.masked_fill(mask == 0, fmt.IGNORE_INDEX)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "labels": labels.to(self.device)}
+
+    def ppo_train(self, refs: list, step: int) -> PolicyTrainOut:
+        ppo = self.job.ppo
+        t0 = time.perf_counter()
+        exp = self._fetch(refs)
+        if exp.advantages is None:
+            raise RuntimeError("experience reached the policy trainer without advantages")
+        self.model.train()
+        use_ptx = bool(self.ptx) and ppo.ptx_coef > 0
+        sums = {k: 0.0 for k in ("pg", "clipped", "approx_kl", "entropy", "ptx", "tokens", "grad_norm", "updates")}
+        ids_per_epoch: list[list[int]] = []
+        for epoch in range(ppo.max_epochs):
+            ids: list[int] = []
+            for rows in self._minibatches(exp.size, step, epoch):
+                mb = exp.select(rows).to(self.device)
+                count = self._global_count(mb.action_mask)
+                with self._autocast():
+                    lp, logits = action_log_probs(self.model, mb.sequences, mb.attention_mask, mb.num_actions,
+                                                  ppo.temperature, return_logits=True)
+                    out = policy_loss(lp, mb.log_probs, mb.advantages, mb.action_mask, ppo.eps_clip)
+                    scale = self.world_size / count  # DDP/FSDP average over ranks; we want the global token mean
+                    ent_sum = None
+                    if ppo.entropy_coef:
+                        ent_sum = (entropy_from_logits(logits) * mb.action_mask).sum()
+                    ptx = None
+                    if use_ptx:
+                        b = self._ptx_batch()
+                        lg = forward(self.model, b["input_ids"], b["attention_mask"]).logits[:, :-1].float()
+                        labels = b["labels"][:, 1:]
+                        ptx_count = self._global_count(labels != fmt.IGNORE_INDEX)
+                        ptx_sum = F.cross_entropy(lg.flatten(0, 1), labels.flatten(), ignore_index=fmt.IGNORE_INDEX,
+                                                  reduction="sum")
+                        ptx = ptx_sum * self.world_size / ptx_count
+                        sums["ptx"] += float(ptx_sum.detach()) / ptx_count
+                    loss = combine_actor_loss(out.loss_sum * scale, ptx, ppo.ptx_coef,
+                                              None if ent_sum is None else ent_sum * scale, ppo.entropy_coef)
+                loss.backward()
+                sums["grad_norm"] += self.strategy.clip_grad_norm(self.model, ppo.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.updates += 1
+                sums["updates"] += 1
+                sums["pg"] += float(out.loss_sum.detach())
+                sums["clipped"] += float(out.clipped)
+                sums["approx_kl"] += float(out.approx_kl_sum)
+                sums["tokens"] += float(mb.action_mask.sum())
+                if ent_sum is not None:
+                    sums["entropy"] += float(ent_sum.detach())
+                ids += mb.sample_ids.tolist()
+            ids_per_epoch.append(ids)
+        keys = ["pg", "clipped", "approx_kl", "entropy", "tokens"]
+        red = dict(zip(keys, self._all_reduce([sums[k] for k in keys])))
+        n_up = max(sums["updates"], 1)
+        tok = max(red["tokens"], 1.0)
+        metrics = {"policy/loss": red["pg"] / tok, "policy/clipfrac": red["clipped"] / tok,
+                   "policy/approx_kl": red["approx_kl"] / tok, "policy/grad_norm": sums["grad_norm"] / n_up,
+                   "policy/lr": self.scheduler.get_last_lr()[0], "policy/updates": n_up,
+                   "timing/train_policy": time.perf_counter() - t0}
+        if ppo.entropy_coef:
+            metrics["policy/entropy"] = red["entropy"] / tok
+        if use_ptx:
+            metrics["ptx/loss"] = self._all_reduce([sums["ptx"]])[0] / n_up  # per-update global means, averaged
+        return PolicyTrainOut(metrics, ids_per_epoch, exp.versions.tolist())
+
+    # --- weights ------------------------------------------------------------------------------------
+    def publish(self, version: int) -> WeightUpdate | None:
+        """Gather the full weights (every rank takes part); rank 0 returns them as one update.
+
+        The return value is the object in Ray's store: the driver passes its ObjectRef to every
+        generator, which reads it directly. With LoRA only the adapter tensors are shipped.
+        """
+        sd, _ = self.strategy.state_dicts(self.model, None)
+        self.version = version
+        if self.rank != 0:
+            return None
+        if self.job.lora:
+            sd = {k: v for k, v in sd.items() if "lora_" in k}
+        return WeightUpdate(version, sd, adapter_only=bool(self.job.lora))
+
+    @torch.no_grad()
+    def score_log_probs(self, exp, rows: int = 2) -> torch.Tensor:
+        """The trainer's log-probs of the first `rows` of `exp` (every rank takes part; for sync checks)."""
+        self.model.eval()
+        e = exp.select(list(range(min(rows, exp.size)))).to(self.device)
+        return action_log_probs(self.model, e.sequences, e.attention_mask, e.num_actions,
+                                self.job.ppo.temperature).cpu()

@@ -1,0 +1,107 @@
+"""The replay buffer with real generator, reference and reward actors on a local Ray cluster."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coati_ray.cluster.group import start_actor
+from coati_ray.config import DataArgs, ModelArgs, PPOArgs
+from coati_ray.experience import Experience
+from coati_ray.workers.buffer import ReplayBuffer
+from coati_ray.workers.generator import GeneratorWorker
+from coati_ray.workers.job import PPOJob
+from coati_ray.workers.reference import ReferenceWorker
+from coati_ray.workers.reward import RewardWorker
+
+PROMPTS_PER_STEP, SAMPLES = 4, 2  # one step = 8 samples
+
+
+@pytest.fixture(scope="module")
+def scorers(ray_cluster, micro_model):
+    ref = start_actor(ReferenceWorker, "test-reference-0", (micro_model,), num_cpus=0.5)
+    rew = start_actor(RewardWorker, "test-reward-0", (micro_model,), num_cpus=0.5)
+    yield [ref], [rew]
+    for a in (ref, rew):
+        ray_cluster.kill(a)
+
+
+def make_parts(ray, micro_model, demo_dir, scorers, name, limit):
+    ppo = PPOArgs(experience_batch_size=PROMPTS_PER_STEP, n_samples_per_prompt=SAMPLES, max_new_tokens=6,
+                  advantage_estimator="grpo")
+    job = PPOJob(micro_model, micro_model, None, str(demo_dir / "prompts_train.jsonl"), None,
+                 ModelArgs(pretrain=micro_model), DataArgs(), ppo, num_generators=1)
+    gen = start_actor(GeneratorWorker, f"{name}-generator-0", (0, job, *scorers), num_cpus=0.5)
+    ray.get(gen.weight_version.remote())  # constructed
+    buf = start_actor(ReplayBuffer, f"{name}-buffer-0", (limit, [gen], [PROMPTS_PER_STEP * SAMPLES]), num_cpus=0,
+                      max_concurrency=ReplayBuffer.MAX_CONCURRENCY)
+    return gen, buf
+
+
+def wait_until(ray, buf, key, value):
+    """Poll the buffer's own counters (no fixed sleeps): returns once stats[key] == value."""
+    while True:
+        stats = ray.get(buf.stats.remote())
+        if stats[key] == value:
+            return stats
+        ray.get(buf.stats.remote())  # one more round trip before the next look (no fixed sleep)
+
+
+def test_a_full_buffer_makes_the_producer_wait(ray_cluster, micro_model, demo_dir, scorers):
+    ray = ray_cluster
+    gen, buf = make_parts(ray, micro_model, demo_dir, scorers, "bp", limit=PROMPTS_PER_STEP * SAMPLES)
+    p0 = buf.produce.remote(0, 0, [None], 0.0, 100)
+    p1 = buf.produce.remote(1, 0, [None], 0.0, 100)
+    wait_until(ray, buf, "buffer/waiting_producers", 1)
+    ray.get(p0)
+    stats = ray.get(buf.stats.remote())
+    assert stats["buffer/waiting_producers"] == 1  # step 1 still waits for room
+    # Step 1 was not even dispatched: the generator made exactly one rollout, the buffer holds one step.
+    assert ray.get(gen.rollouts_done.remote()) == 1
+    assert stats["buffer/rollouts_dispatched"] == 1 and stats["buffer/fill"] == 8
+    taken = ray.get(buf.take.remote(0, 8))
+    ray.get(p1)  # room again: step 1 is produced
+    assert ray.get(gen.rollouts_done.remote()) == 2
+    later = ray.get(buf.take.remote(1, 8))
+    ids0 = [i for _, m in taken for i in m.sample_ids]
+    ids1 = [i for _, m in later for i in m.sample_ids]
+    assert len(ids0) == len(set(ids0)) == 8 and not set(ids0) & set(ids1)
+    assert all(m.version == 0 for _, m in taken + later)
+
+
+def test_accepted_experience_survives_the_death_of_its_generator(ray_cluster, micro_model, demo_dir, scorers):
+    ray = ray_cluster
+    gen, buf = make_parts(ray, micro_model, demo_dir, scorers, "own", limit=64)
+    ray.get(buf.produce.remote(0, 0, [None], 0.0, 100))  # returns once the chunk is accepted
+    ray.kill(gen, no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(gen.rollouts_done.remote())  # the generator is gone ...
+    (ref, meta), = ray.get(buf.take.remote(0, 8))
+    exp: Experience = ray.get(ref)  # ... its experience is not: the buffer owns it
+    assert exp.size == 8 and exp.sample_ids.tolist() == meta.sample_ids
+    assert exp.ref_log_probs is not None and exp.advantages is not None
+    assert torch.isfinite(exp.log_probs).all()
+
+
+def test_chunks_older_than_allowed_are_dropped_and_counted(ray_cluster, micro_model, demo_dir, scorers):
+    ray = ray_cluster
+    gen, buf = make_parts(ray, micro_model, demo_dir, scorers, "stale", limit=64)
+    for step in range(3):
+        ray.get(buf.produce.remote(step, 0, [None], 0.0, 100))
+    # Taking step 1 drops the never-taken step 0 ...
+    (_, meta), = ray.get(buf.take.remote(1, 8, 0))
+    assert meta.step == 1 and ray.get(buf.stats.remote())["buffer/dropped_stale"] == 8
+    # ... and a trainer at v1 that accepts nothing older drops step 2 (made with v0) and keeps waiting.
+    pending = buf.take.remote(2, 8, 1)
+    stats = wait_until(ray, buf, "buffer/dropped_stale", 16)
+    ready, _ = ray.wait([pending], timeout=0)
+    assert not ready and stats["buffer/fill"] == 0 and stats["buffer/taken"] == 8
+
+
+def test_a_failed_rollout_surfaces_in_take(ray_cluster, micro_model, demo_dir, scorers):
+    ray = ray_cluster
+    gen, buf = make_parts(ray, micro_model, demo_dir, scorers, "fail", limit=64)
+    ray.kill(gen, no_restart=True)
+    buf.produce.remote(0, 0, [None], 0.0, 100)
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(buf.take.remote(0, 8))  # not a hang: the generator's death reaches the trainer side
