@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The whole pipeline on the embedded defaults (tiny llama, bilingual demo data, local Ray).
 
-    python launchers/demo.py                       # SFT -> reward model, then gold scores
-    python launchers/demo.py --trainers 2 --strategy fsdp --out outputs/demo_fsdp
+    python launchers/demo.py                       # SFT -> reward model -> PPO, then gold scores
+    python launchers/demo.py --actors 2 --trainers 2 --out outputs/demo2
     python launchers/demo.py --address auto        # on a running Ray cluster
 """
 
@@ -20,9 +20,16 @@ def main(argv=None):
     ap.add_argument("--out", default=d.out, help="output directory (sft/, rm/, demo_summary.json)")
     ap.add_argument("--preset_size", default=d.preset_size, choices=["tiny", "micro"])
     ap.add_argument("--trainers", type=int, default=d.trainers)
+    ap.add_argument("--actors", type=int, default=d.actors, help="PPO generator actors")
     ap.add_argument("--strategy", default=d.strategy)
     ap.add_argument("--sft_epochs", type=int, default=d.sft_epochs)
+    ap.add_argument("--rm_base_epochs", type=int, default=d.rm_base_epochs,
+                    help="further SFT epochs for the reward model's backbone")
     ap.add_argument("--rm_epochs", type=int, default=d.rm_epochs)
+    ap.add_argument("--ppo_steps", type=int, default=d.ppo_steps)
+    ap.add_argument("--ppo_lr", type=float, default=d.ppo_lr)
+    ap.add_argument("--critic_lr", type=float, default=d.critic_lr)
+    ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--sft_lr", type=float, default=d.sft_lr)
     ap.add_argument("--rm_lr", type=float, default=d.rm_lr)
     ap.add_argument("--batch_size", type=int, default=d.batch_size)
@@ -31,13 +38,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     setup_logging()
     s = run_demo(DemoArgs(**vars(args)))
-    print("\n=== coati_ray demo: stages 1-2 on the bilingual arithmetic task ===")
-    print(f"SFT    train loss {s['sft']['first_train_loss']:.3f} -> eval loss {s['sft']['eval_loss']:.3f}"
-          f"   ({s['sft']['seconds']:.0f} s)")
+    print("\n=== coati_ray demo: SFT -> RM -> PPO on the bilingual arithmetic task ===")
+    print(f"SFT    train loss {s['sft']['first_train_loss']:.3f} -> eval loss {s['sft']['eval_loss']:.3f} (policy); "
+          f"RM backbone eval loss {s['sft']['rm_base_eval_loss']:.4f}   ({s['sft']['seconds']:.0f} s)")
     print(f"RM     held-out accuracy {s['rm']['eval_accuracy']:.3f}, mean margin {s['rm']['eval_margin']:.2f}"
           f"   ({s['rm']['seconds']:.0f} s)")
-    print(f"gold   score on {s['gold']['prompts']} held-out prompts: untrained {s['gold']['untrained']:.3f}, "
-          f"SFT {s['gold']['sft']:.3f}")
+    print(f"PPO    {s['ppo']['steps']} steps, reward {s['ppo']['reward_first5']:.3f} -> {s['ppo']['reward_last5']:.3f} "
+          f"(mean of first / last 5 steps)   ({s['ppo']['seconds']:.0f} s)")
+    print(f"gold   score on {s['gold']['prompts']} held-out prompts: SFT {s['gold']['sft']:.3f}, "
+          f"PPO {s['gold']['ppo']:.3f}")
     for prompt, response, score in s["gold"]["examples"]:
         print(f"  [{score:.0f}] {prompt}\n      -> {response}")
     print(f"total {s['seconds']:.0f} s; summary in {args.out}/demo_summary.json")
