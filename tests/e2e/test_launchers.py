@@ -70,3 +70,39 @@ def test_launcher_joins_a_running_cluster_with_address(ray_cluster, tmp_path):
     assert f"joining Ray cluster at {address}" in p.stderr
     assert "RM done: held-out accuracy" in p.stdout
     assert (tmp_path / "rm" / "config.json").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--advantage_estimator", "grpo"], "error: --n_samples_per_prompt: grpo compares samples of one prompt"),
+    (["--experience_batch_size", "12", "--train_batch_size", "8"], "error: --train_batch_size: a step's 12 samples"),
+    (["--rm_path", "/nonexistent/rm"], "error: --rm_path: /nonexistent/rm: no such model directory"),
+    (["--custom_resources", "{\"gpu_box\": 1}"], "error: --custom_resources: expected a JSON object {role:"),
+])
+def test_ppo_bad_flags_give_one_clear_line_and_exit_2(args, expected, micro_model, tmp_path):
+    p = run("ppo_cluster.py", "--pretrain", micro_model, "--rm_path", micro_model, *args,
+            "--save_path", str(tmp_path / "ppo"))
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert expected in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_ppo_launcher_bad_prompt_row_names_file_and_line_before_ray_starts(micro_model, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1 + 1?"}\n{"question": "2 + 2?"}\n', encoding="utf-8")
+    p = run("ppo_cluster.py", str(prompts), "--pretrain", micro_model, "--rm_path", micro_model,
+            "--save_path", str(tmp_path / "ppo"))
+    assert p.returncode == 2
+    assert f"error: {prompts}, line 2, row 1, field 'prompt': missing field" in p.stderr
+    assert "starting a local Ray" not in p.stderr  # nothing was started for a file that cannot work
+
+
+def test_ppo_launcher_runs_on_a_positional_prompts_csv(micro_model, demo_dir, tmp_path):
+    p = run("ppo_cluster.py", str(demo_dir / "prompts_train.csv"), "--pretrain", micro_model, "--rm_path",
+            micro_model, "--actors", "2", "--max_steps", "2", "--experience_batch_size", "8", "--train_batch_size",
+            "8", "--max_new_tokens", "8", "--save_path", str(tmp_path / "ppo"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "PPO done: 2 steps" in p.stdout
+    assert "step 2/2 | reward" in p.stderr  # one metrics line per step
+    assert (tmp_path / "ppo" / "model.safetensors").exists()
+    assert (tmp_path / "ppo" / "checkpoints" / "step_2" / "ppo_state.json").exists()
+    assert list((tmp_path / "ppo" / "tensorboard").iterdir())
