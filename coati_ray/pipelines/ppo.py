@@ -143,6 +143,12 @@ def run_ppo(model: ModelArgs, data: DataArgs, ppo: PPOArgs, roles: RoleArgs, clu
             + roles.reward_workers * roles.reward_cpus + roles.critic_trainers * roles.critic_cpus
             + cluster.trainers * (cluster.cpus_per_trainer or 1.0))
     init_ray(cluster.address, num_cpus=int(cpus + 0.999))
+    import ray
+
+    total_cpus = ray.cluster_resources().get("CPU", 0)
+    if total_cpus < cpus:  # the actors would wait for CPUs forever
+        raise ConfigError("actors", f"the roles ask for {cpus:g} CPUs but the Ray cluster has {total_cpus:g}; lower "
+                          "--actors / --*_cpus / --cpus_per_trainer or add nodes")
     actors = start_roles(job, roles, cluster)
     try:
         return _loop(job, actors, n_prompts, progress)

@@ -102,7 +102,7 @@ def test_ppo_launcher_runs_on_a_positional_prompts_csv(micro_model, demo_dir, tm
             "8", "--max_new_tokens", "8", "--save_path", str(tmp_path / "ppo"), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "PPO done: 2 steps" in p.stdout
-    assert "step 2/2 | reward" in p.stderr  # one metrics line per step
+    assert "step 2/2 | reward" in p.stdout + p.stderr  # one metrics line per step
     assert (tmp_path / "ppo" / "model.safetensors").exists()
     assert (tmp_path / "ppo" / "checkpoints" / "step_2" / "ppo_state.json").exists()
     assert list((tmp_path / "ppo" / "tensorboard").iterdir())
