@@ -23,8 +23,6 @@ def main(argv=None):
     ap.add_argument("--actors", type=int, default=d.actors, help="PPO generator actors")
     ap.add_argument("--strategy", default=d.strategy)
     ap.add_argument("--sft_epochs", type=int, default=d.sft_epochs)
-    ap.add_argument("--rm_base_epochs", type=int, default=d.rm_base_epochs,
-                    help="further SFT epochs for the reward model's backbone")
     ap.add_argument("--rm_epochs", type=int, default=d.rm_epochs)
     ap.add_argument("--ppo_steps", type=int, default=d.ppo_steps)
     ap.add_argument("--ppo_lr", type=float, default=d.ppo_lr)
@@ -39,16 +37,17 @@ def main(argv=None):
     setup_logging()
     s = run_demo(DemoArgs(**vars(args)))
     print("\n=== coati_ray demo: SFT -> RM -> PPO on the bilingual arithmetic task ===")
-    print(f"SFT    train loss {s['sft']['first_train_loss']:.3f} -> eval loss {s['sft']['eval_loss']:.3f} (policy); "
-          f"RM backbone eval loss {s['sft']['rm_base_eval_loss']:.4f}   ({s['sft']['seconds']:.0f} s)")
+    print(f"SFT    train loss {s['sft']['first_train_loss']:.3f} -> eval loss {s['sft']['eval_loss']:.3f}"
+          f"   ({s['sft']['seconds']:.0f} s)")
     print(f"RM     held-out accuracy {s['rm']['eval_accuracy']:.3f}, mean margin {s['rm']['eval_margin']:.2f}"
           f"   ({s['rm']['seconds']:.0f} s)")
     print(f"PPO    {s['ppo']['steps']} steps, reward {s['ppo']['reward_first5']:.3f} -> {s['ppo']['reward_last5']:.3f} "
           f"(mean of first / last 5 steps)   ({s['ppo']['seconds']:.0f} s)")
     print(f"gold   score on {s['gold']['prompts']} held-out prompts: SFT {s['gold']['sft']:.3f}, "
-          f"PPO {s['gold']['ppo']:.3f}")
-    for prompt, response, score in s["gold"]["examples"]:
-        print(f"  [{score:.0f}] {prompt}\n      -> {response}")
+          f"PPO {s['gold']['ppo']:.3f}   (right sums, final answer stated or not: "
+          f"SFT {s['gold']['arithmetic']['sft']:.3f}, PPO {s['gold']['arithmetic']['ppo']:.3f})")
+    for ex in s["gold"]["examples"]:
+        print(f"  {ex['prompt']}\n      SFT [{ex['sft_score']:.0f}] {ex['sft']}\n      PPO [{ex['ppo_score']:.0f}] {ex['ppo']}")
     print(f"total {s['seconds']:.0f} s; summary in {args.out}/demo_summary.json")
     return s
 

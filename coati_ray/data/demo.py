@@ -1,7 +1,17 @@
 """Bilingual (English / Chinese) arithmetic word problems: the demo task for all three stages.
 
 The task has a known gold scorer (`gold_score`), so later stages can measure whether a policy
-got better at the task, not only whether a loss fell. Everything is generated from a seed, so the
+got better at the task, not only whether a loss fell. Like GSM8K's `#### N`, the grader reads
+the final answer from a fixed phrase ("The answer is N" / "答案是N").
+
+Why there is something left for RLHF to do: the demonstrations come from annotators with two
+styles. Half of them end with the graded final-answer sentence; the other half stop at the
+equation ("7 + 3 = 10."), which is right but states no final answer the grader can read. SFT
+imitates both, so the SFT policy ends about half of its answers tersely. The preference pairs
+say what the demonstrations do not: an answer that states its final result beats a terse one,
+and a right result beats a wrong one. A reward model learns that, and PPO moves the policy to
+the preferred style, which the gold score sees; SFT alone cannot, as it has no signal that one
+style is better. (A toy model of why InstructGPT-style RLHF helps after SFT.) Everything is generated from a seed, so the
 same seed always writes byte-identical files.
 
 Files written by `write_demo_data(dir)` (the seed's formats):
@@ -48,6 +58,8 @@ TEMPLATES: list[tuple[str, str, str]] = [
     ("zh", "*", "{name}买了{a}袋，每袋有{b}{item}。{name}一共买了多少{item}？"),
 ]
 ZH_SOLVE_INSTRUCTION = "解答下面的应用题。"
+TERSE_FRACTION = 0.5  # SFT demonstrations that stop at the equation (see the module docstring)
+TERSE_PAIR_FRACTION = 0.3  # preference pairs whose rejected answer is the terse one
 EN_SOLVE_INSTRUCTION = "Solve the following word problem."
 
 
@@ -67,6 +79,7 @@ def _template_regex(template: str) -> re.Pattern[str]:
 
 _TEMPLATE_RES = [(lang, op, _template_regex(t)) for lang, op, t in TEMPLATES]
 _ANSWER_RES = [re.compile(r"[Tt]he answer is (-?\d+)"), re.compile(r"答案是\s*(-?\d+)")]
+_EQUATION_RE = re.compile(r"=\s*(-?\d+)")
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,18 @@ def gold_score(prompt: str, response: str) -> float:
     return 1.0 if extract_answer(response) == problem.answer else 0.0
 
 
+def equation_score(prompt: str, response: str) -> float:
+    """1.0 when the first equation's result ("= N") is right, stated final answer or not.
+
+    The arithmetic alone: what SFT teaches regardless of the answer style `gold_score` grades.
+    """
+    problem = solve(prompt)
+    if problem is None:
+        raise ValueError(f"not a demo arithmetic prompt: {prompt[:80]!r}")
+    m = _EQUATION_RE.search(response)
+    return 1.0 if m and int(m.group(1)) == problem.answer else 0.0
+
+
 def make_problem(rng: random.Random) -> Problem:
     lang, op, template = TEMPLATES[rng.randrange(len(TEMPLATES))]
     a, b = rng.randint(1, 9), rng.randint(1, 9)
@@ -130,6 +155,16 @@ def solution(p: Problem, answer: int | None = None, shown: int | None = None) ->
     return f"{p.a} {p.op} {p.b} = {shown}，答案是{answer}。"
 
 
+def terse_solution(p: Problem) -> str:
+    """The right equation without the final-answer sentence: correct, but nothing for the grader."""
+    return f"{p.a} {p.op} {p.b} = {p.answer}" + ("." if p.lang == "en" else "。")
+
+
+def demonstration(p: Problem, rng: random.Random, terse_fraction: float = TERSE_FRACTION) -> str:
+    """What an annotator wrote for the SFT set: the full solution, or (terse_fraction) the terse one."""
+    return terse_solution(p) if rng.random() < terse_fraction else solution(p)
+
+
 def _wrong(p: Problem, rng: random.Random) -> int:
     while True:
         w = p.answer + rng.choice([-3, -2, -1, 1, 2, 3, 10])
@@ -138,15 +173,18 @@ def _wrong(p: Problem, rng: random.Random) -> int:
 
 
 def rejected_response(p: Problem, rng: random.Random) -> str:
-    """A worse answer than `solution(p)`: a wrong result, or a right result with a wrong final answer.
+    """A worse answer than `solution(p)`: the terse answer (TERSE_PAIR_FRACTION of the pairs), a
+    wrong result, or a right result with a wrong final answer.
 
-    Only "hard" negatives, on purpose. With easy ones mixed in (evasive, truncated or rambling
+    Besides the terse style, only "hard" negatives, on purpose. With easy ones mixed in (evasive, truncated or rambling
     answers), the reward model separates those within a few dozen steps and then stays at chance
     on wrong arithmetic (measured on the micro preset: 0.55-0.65 on wrong answers with easy
     negatives present, 0.94 without) — a case of gradient starvation (Pezeshki et al. 2021,
     https://arxiv.org/abs/2011.09468). An RM that cannot tell a wrong sum from a right one is
     useless to PPO on this task, whose gold score is exactly that.
     """
+    if rng.random() < TERSE_PAIR_FRACTION:
+        return terse_solution(p)
     if rng.random() < 0.7:
         return solution(p, answer=_wrong(p, rng))
     return solution(p, answer=_wrong(p, rng), shown=p.answer)
@@ -176,7 +214,7 @@ def write_demo_data(out_dir: str | Path, seed: int = 42, n_sft: int = 4000, n_pa
         for _ in range(n):
             p = make_problem(rng)
             instruction, inp = as_instruction(p, rng)
-            rows.append({"instruction": instruction, "input": inp, "output": solution(p)})
+            rows.append({"instruction": instruction, "input": inp, "output": demonstration(p, rng)})
         return rows
 
     def pair_rows(n: int) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Gold score of a policy on held-out demo prompts: greedy answers scored by `demo.gold_score`."""
+"""Gold score of a policy on held-out demo prompts: greedy answers scored by `demo.gold_score`
+(and, for diagnosis, by `demo.equation_score`: the arithmetic whatever the answer style)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coati_ray.data.demo import gold_score
+from coati_ray.data.demo import equation_score, gold_score
 from coati_ray.data.formatting import render_prompt
 
 
@@ -15,6 +16,7 @@ class GoldResult:
     score: float  # mean gold score in [0, 1]
     n: int
     examples: list[tuple[str, str, float]]  # (prompt, response, score), the first few
+    arithmetic: float = 0.0  # mean equation_score: right sums, stated as the final answer or not
 
 
 @torch.no_grad()
@@ -23,7 +25,7 @@ def evaluate_gold(model, tokenizer, prompts: list[str], max_new_tokens: int = 32
     model.eval()
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    scores, examples = [], []
+    scores, examples, arithmetic = [], [], []
     try:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
@@ -35,8 +37,10 @@ def evaluate_gold(model, tokenizer, prompts: list[str], max_new_tokens: int = 32
                 response = tokenizer.decode(seq, skip_special_tokens=True)
                 s = gold_score(p, response)
                 scores.append(s)
+                arithmetic.append(equation_score(p, response))
                 if len(examples) < n_examples:
                     examples.append((p, response, s))
     finally:
         tokenizer.padding_side = old_side
-    return GoldResult(sum(scores) / max(len(scores), 1), len(scores), examples)
+    n = max(len(scores), 1)
+    return GoldResult(sum(scores) / n, len(scores), examples, sum(arithmetic) / n)

@@ -54,3 +54,30 @@ def test_chosen_always_scores_one_and_rejected_never_beats_it():
         p = demo.make_problem(rng)
         assert demo.gold_score(p.text, demo.solution(p)) == 1.0
         assert demo.gold_score(p.text, demo.rejected_response(p, rng)) == 0.0
+
+
+def test_equation_score_checks_the_sum_whatever_the_answer_style():
+    p = demo.Problem("en", "*", 6, 7, "Tom buys 6 bags with 7 apples in each bag. How many apples does Tom buy in total?")
+    terse = demo.terse_solution(p)
+    assert terse == "6 * 7 = 42."
+    assert (demo.equation_score(p.text, terse), demo.gold_score(p.text, terse)) == (1.0, 0.0)
+    assert (demo.equation_score(p.text, demo.solution(p)), demo.gold_score(p.text, demo.solution(p))) == (1.0, 1.0)
+    assert demo.equation_score(p.text, demo.solution(p, answer=41, shown=41)) == 0.0
+    assert demo.equation_score(p.text, "no equation") == 0.0
+    zh = demo.Problem("zh", "-", 9, 4, "小明有9个苹果，送给朋友4个苹果。小明还剩多少个苹果？")
+    assert demo.terse_solution(zh) == "9 - 4 = 5。" and demo.equation_score(zh.text, demo.terse_solution(zh)) == 1.0
+
+
+def test_demonstrations_mix_both_styles_and_pairs_prefer_the_stated_answer(demo_dir):
+    """What leaves PPO something to do: SFT sees both styles; the pairs rank the graded one higher."""
+    sft = json.loads((demo_dir / "sft_train.json").read_text(encoding="utf-8"))
+    stated = [demo.extract_answer(r["output"]) is not None for r in sft]
+    assert 0.4 < sum(stated) / len(stated) < 0.6  # TERSE_FRACTION = 0.5 of 4000 rows
+    pairs = [json.loads(l) for l in (demo_dir / "rm_train.jsonl").read_text(encoding="utf-8").splitlines()]
+    terse_rejected = [r for r in pairs if demo.extract_answer(r["rejected"]) is None]
+    assert 0.2 < len(terse_rejected) / len(pairs) < 0.4  # TERSE_PAIR_FRACTION = 0.3
+    for r in pairs:
+        assert demo.gold_score(r["prompt"], r["chosen"]) == 1.0
+        assert demo.gold_score(r["prompt"], r["rejected"]) == 0.0
+    for r in terse_rejected:
+        assert demo.equation_score(r["prompt"], r["rejected"]) == 1.0  # right sum, no stated answer
