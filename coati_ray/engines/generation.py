@@ -55,6 +55,31 @@ class WeightUpdate:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def __reduce__(self):
+        """Pickle each tensor as a flat uint8 numpy array (any dtype, bf16 included).
+
+        Ray stores numpy arrays out of band and hands a reader arrays backed by the object
+        store's shared memory, so a generator's `ray.get` copies nothing and `load_weights`
+        copies each tensor once, straight into the model. Torch tensors pickled as they are
+        are copied into pickle bytes and out again: 5-7x an in-process state_dict copy where
+        this is ~2x (bench_ppo.py part d).
+        """
+        flat = {k: (str(t.dtype).removeprefix("torch."), tuple(t.shape),
+                    t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                for k, t in self.tensors.items()}
+        return _rebuild_update, (self.version, flat, self.adapter_only)
+
+
+def _rebuild_update(version: int, flat: dict, adapter_only: bool) -> WeightUpdate:
+    import warnings
+
+    tensors = {}
+    with warnings.catch_warnings():  # arrays in Ray's store are read-only; load_weights only reads them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for k, (dtype, shape, raw) in flat.items():
+            tensors[k] = torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)
+    return WeightUpdate(version, tensors, adapter_only)
+
 
 class GenerationBackend(ABC):
     eos_token_id: int

@@ -5,12 +5,14 @@ Workers are plain classes, so the exact code the actors run is tested here direc
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
 from coati_ray.config import DataArgs, ModelArgs, PPOArgs
 from coati_ray.data.formatting import render_prompt
-from coati_ray.engines.generation import SamplingParams, make_backend
+from coati_ray.engines.generation import SamplingParams, WeightUpdate, make_backend
 from coati_ray.experience import Experience
 from coati_ray.workers.job import PPOJob
 from coati_ray.workers.policy import PolicyWorker
@@ -38,6 +40,13 @@ def rollout(backend, tokenizer) -> Experience:
     return Experience(seq, mask, amask, torch.zeros(2, A), z, torch.arange(2), z.long(), z.long())
 
 
+def through_store(update: WeightUpdate) -> WeightUpdate:
+    """Pickle as Ray's object store does: protocol 5, large buffers out of band, read back read-only."""
+    buffers: list[pickle.PickleBuffer] = []
+    inband = pickle.dumps(update, protocol=5, buffer_callback=buffers.append)
+    return pickle.loads(inband, buffers=[bytes(b.raw()) for b in buffers])  # bytes: read-only, like the store
+
+
 def perturb_trainable(worker: PolicyWorker) -> None:
     """Stand-in for an optimizer step: move every trainable tensor."""
     with torch.no_grad():
@@ -56,7 +65,7 @@ def test_after_a_sync_generator_and_trainer_log_probs_agree(micro_model, demo_di
     exp = rollout(gen, tokenizer)
     before = gen.log_probs(exp.sequences, exp.attention_mask, exp.num_actions)
     perturb_trainable(trainer)
-    gen.load_weights(trainer.publish(1))
+    gen.load_weights(through_store(trainer.publish(1)))
     after = gen.log_probs(exp.sequences, exp.attention_mask, exp.num_actions)
     trained = trainer.score_log_probs(exp)
     m = exp.action_mask
@@ -77,3 +86,20 @@ def test_lora_update_carries_only_adapter_tensors(micro_model, demo_dir):
     assert len(lora_update.tensors) == len(lora_names)
     assert all("lora_" in k for k in lora_update.tensors)
     assert lora_update.num_bytes < 0.5 * full_update.num_bytes
+
+
+def test_weight_update_travels_out_of_band_and_keeps_dtype_and_shape():
+    """Each tensor is one out-of-band buffer (Ray maps it from shared memory: no copy at get)."""
+    tensors = {"w": torch.randn(6, 4), "wt": torch.randn(4, 6).t(), "bf16": torch.randn(5).to(torch.bfloat16),
+               "scalar": torch.tensor(2.5), "ids": torch.arange(7)}
+    update = WeightUpdate(7, tensors, adapter_only=True)
+    buffers: list[pickle.PickleBuffer] = []
+    inband = pickle.dumps(update, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == len(tensors)
+    assert sum(b.raw().nbytes for b in buffers) == update.num_bytes
+    assert len(inband) < 1000  # names, dtypes and shapes only
+    back = pickle.loads(inband, buffers=[bytes(b.raw()) for b in buffers])
+    assert (back.version, back.adapter_only) == (7, True)
+    for k, t in tensors.items():
+        assert back.tensors[k].dtype == t.dtype and back.tensors[k].shape == t.shape
+        assert torch.equal(back.tensors[k], t)
