@@ -7,12 +7,13 @@ the final answer from a fixed phrase ("The answer is N" / "答案是N").
 Why there is something left for RLHF to do: the demonstrations come from annotators with two
 styles. Half of them end with the graded final-answer sentence; the other half stop at the
 equation ("7 + 3 = 10."), which is right but states no final answer the grader can read. SFT
-imitates both, so the SFT policy ends about half of its answers tersely. The preference pairs
-say what the demonstrations do not: an answer that states its final result beats a terse one,
-and a right result beats a wrong one. A reward model learns that, and PPO moves the policy to
-the preferred style, which the gold score sees; SFT alone cannot, as it has no signal that one
-style is better. (A toy model of why InstructGPT-style RLHF helps after SFT.) Everything is generated from a seed, so the
-same seed always writes byte-identical files.
+imitates both; greedy, the tiny SFT policy answers tersely on 70-90% of prompts. The preference
+pairs say what the demonstrations do not: an answer that states its final result beats a terse
+one, and a right result beats a wrong one. A reward model learns that, and PPO moves the policy
+to the preferred style, which the gold score sees; SFT alone cannot, as it has no signal that
+one style is better. (A toy model of why InstructGPT-style RLHF helps after SFT.)
+
+Everything is generated from a seed, so the same seed always writes byte-identical files.
 
 Files written by `write_demo_data(dir)` (the seed's formats):
 
@@ -58,9 +59,9 @@ TEMPLATES: list[tuple[str, str, str]] = [
     ("zh", "*", "{name}买了{a}袋，每袋有{b}{item}。{name}一共买了多少{item}？"),
 ]
 ZH_SOLVE_INSTRUCTION = "解答下面的应用题。"
+EN_SOLVE_INSTRUCTION = "Solve the following word problem."
 TERSE_FRACTION = 0.5  # SFT demonstrations that stop at the equation (see the module docstring)
 TERSE_PAIR_FRACTION = 0.3  # preference pairs whose rejected answer is the terse one
-EN_SOLVE_INSTRUCTION = "Solve the following word problem."
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
@@ -176,12 +177,13 @@ def rejected_response(p: Problem, rng: random.Random) -> str:
     """A worse answer than `solution(p)`: the terse answer (TERSE_PAIR_FRACTION of the pairs), a
     wrong result, or a right result with a wrong final answer.
 
-    Besides the terse style, only "hard" negatives, on purpose. With easy ones mixed in (evasive, truncated or rambling
-    answers), the reward model separates those within a few dozen steps and then stays at chance
-    on wrong arithmetic (measured on the micro preset: 0.55-0.65 on wrong answers with easy
-    negatives present, 0.94 without) — a case of gradient starvation (Pezeshki et al. 2021,
-    https://arxiv.org/abs/2011.09468). An RM that cannot tell a wrong sum from a right one is
-    useless to PPO on this task, whose gold score is exactly that.
+    Besides the terse style, only "hard" negatives, on purpose. With easy ones mixed in
+    (evasive, truncated or rambling answers), the reward model separates those within a few
+    dozen steps and then stays at chance on wrong arithmetic (measured on the micro preset:
+    0.55-0.65 on wrong answers with easy negatives present, 0.94 without) — a case of gradient
+    starvation (Pezeshki et al. 2021, https://arxiv.org/abs/2011.09468). An RM that cannot tell
+    a wrong sum from a right one would let PPO trade right sums for the preferred style; the
+    demo's PPO policy keeps them all (equation_score 1.000, tiny preset, three seeds).
     """
     if rng.random() < TERSE_PAIR_FRACTION:
         return terse_solution(p)

@@ -61,8 +61,9 @@ class WeightUpdate:
         Ray stores numpy arrays out of band and hands a reader arrays backed by the object
         store's shared memory, so a generator's `ray.get` copies nothing and `load_weights`
         copies each tensor once, straight into the model. Torch tensors pickled as they are
-        are copied into pickle bytes and out again: 5-7x an in-process state_dict copy where
-        this is ~2x (bench_ppo.py part d).
+        are copied into pickle bytes and out again: 5.5-7.3x an in-process state_dict copy
+        where this is 0.4-2.3x (bench_ppo.py part d, 5M-200M parameters). A reader must not
+        write into the tensors of an update it got from Ray: they map read-only memory.
         """
         flat = {k: (str(t.dtype).removeprefix("torch."), tuple(t.shape),
                     t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
