@@ -9,7 +9,8 @@ Recipe (ColossalChat's three stages, in order):
        final-answer sentence, and the SFT policy copies that style on most prompts (greedy gold
        0.105-0.305 on 200 held-out prompts over seeds 42, 1, 2; see `coati_ray.data.demo`).
     2. RM from the SFT model on the preference pairs (held-out accuracy 0.96). Its lr is lower
-       than SFT's: at 5e-4 it stalled at 0.67 accuracy, at 2e-4 it reaches 0.96-0.99.
+       than SFT's: at 5e-4 it stalled at 0.67 accuracy (previous, single-style demo data), at
+       2e-4 it reaches 0.96-0.99.
     3. PPO from the SFT policy against that RM; the reference is the SFT policy. It learns the
        preferred style without losing the arithmetic: gold 0.975-0.985 over the same seeds.
 """
