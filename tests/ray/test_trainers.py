@@ -55,7 +55,7 @@ def sft_run(ray_cluster, tmp_path_factory):
                  data=DataArgs())
 
 
-def test_sft_loss_falls_well_below_its_start_and_the_policy_solves_the_task(sft_run):
+def test_sft_loss_falls_well_below_its_start_and_the_policy_does_the_arithmetic(sft_run):
     from coati_ray.defaults import demo_file
     from coati_ray.evaluation.gold import evaluate_gold
     from coati_ray.models.loading import load_tokenizer
