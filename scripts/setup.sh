@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install coati_ray with the given extras, e.g. `scripts/setup.sh test`.
+# VENV picks another environment folder (scripts/setup_vllm_cpu.sh uses .venv-vllm).
 #
 # torch is installed first and pinned, so that pip never replaces it while resolving the rest:
 # TORCH_SPEC (default torch==2.13.0) picks the build; on a CUDA machine the same pin gives the
@@ -8,10 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-}"
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
 fi
-. .venv/bin/activate
+. "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Run pip quietly; on failure show its output (less this machine's noise about local wheel dirs).
 quiet() {
