@@ -21,20 +21,20 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # vLLM otherwise drops torch to 1 thread
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from scripts.bench_ppo import SYNC_SIZES, _llama  # noqa: E402
+from scripts.bench_ppo import _llama
 
 med = statistics.median
 
@@ -51,8 +51,9 @@ def model_dir(size: str, root: Path) -> str:
     if not d.exists():
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(_llama(size)).save_pretrained(str(d))
-        from coati_ray.defaults import tokenizer_dir
         from transformers import AutoTokenizer
+
+        from coati_ray.defaults import tokenizer_dir
 
         AutoTokenizer.from_pretrained(str(tokenizer_dir())).save_pretrained(str(d))
     return str(d)
