@@ -228,6 +228,11 @@ class PPOArgs:
                                                          "(default 0.5 on GPU, 0.1 on CPU).", default=None)
     vllm_enforce_eager: bool | None = _help("vllm: no CUDA graphs / torch.compile (default: on CPU only).",
                                                default=None)
+    vllm_weight_sync: Literal["object_store", "nccl"] = _help(
+        "vllm: object_store (trainer rank 0 publishes once, each generator loads it into its engine through "
+        "collective_rpc; anywhere, LoRA too) or nccl (trainer rank 0 broadcasts into every engine worker with "
+        "vLLM's weight-transfer API; GPU, full weights, vllm also installed beside the trainers).",
+        default="object_store")
     max_staleness: int = _help("0: on-policy (step v+1 trains only on samples of weights v). k > 0: async, "
                                "generators run up to k versions ahead.", default=0)
     buffer_limit: int | None = _help("Replay buffer capacity in samples; default (max_staleness + 1) x the "
@@ -272,6 +277,8 @@ class PPOArgs:
                 raise ConfigError(name, f"must be in [0, 1], got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be > 0 (PPO needs a sampling distribution), got {self.temperature}")
+        if self.vllm_weight_sync == "nccl" and self.generator_backend != "vllm":
+            raise ConfigError("vllm_weight_sync", "nccl is for the vllm generator backend")
         if self.vllm_tensor_parallel_size < 1:
             raise ConfigError("vllm_tensor_parallel_size", f"must be >= 1, got {self.vllm_tensor_parallel_size}")
         if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:

@@ -51,6 +51,24 @@ class PolicyGroup(TrainerGroup):
         """ObjectRef of the WeightUpdate for `version` (rank 0's return value, left in the object store)."""
         return _wait_all_get_first(self._call_refs("publish", version))
 
+    def nccl_connect(self, generators: list, tensor_parallel_sizes: list[int]) -> None:
+        """Form the NCCL sync group: trainer rank 0 (sender) and every worker of every engine."""
+        import ray
+
+        from coati_ray.engines.vllm_nccl import engine_ranks
+
+        addr, port = ray.get(self.workers[0].master_address.remote())
+        offsets, world = engine_ranks(tensor_parallel_sizes)
+        get_unwrapped(self._call_refs("nccl_open", addr, port, world)
+                      + [g.nccl_connect.remote(addr, port, off, world) for g, off in zip(generators, offsets)])
+
+    def nccl_push(self, version: int, generators: list) -> float:
+        """Every rank gathers `version`; rank 0 broadcasts it into every engine. Returns the slowest load (s)."""
+        update_info = self._call("nccl_gather", version)[0]
+        loads = [g.nccl_receive.remote(version, update_info) for g in generators]
+        get_unwrapped(loads + [self.workers[0].nccl_broadcast.remote()])
+        return max(get_unwrapped(loads))
+
     def score_log_probs(self, exp_ref) -> torch.Tensor:
         """Rank 0's log-probs of the first rows of the experience behind `exp_ref` (read by the actors)."""
         return self._call("score_log_probs", exp_ref)[0]

@@ -202,7 +202,7 @@ def make_backend(name: str, model_path: str, model_family: str, dtype: str, lora
                  vllm_options: dict | None = None) -> GenerationBackend:
     """Build backend `name` on the policy at `model_path` (with the trainer's LoRA layout if any).
 
-    `vllm_options`: tensor_parallel_size, gpu_memory_utilization, enforce_eager (vllm only).
+    `vllm_options`: tensor_parallel_size, gpu_memory_utilization, enforce_eager, weight_sync (vllm only).
     """
     if name == "hf":
         from coati_ray.models.loading import load_causal_lm

@@ -50,7 +50,8 @@ def vllm_extra() -> str:
 class VLLMBackend(GenerationBackend):
     def __init__(self, model_path: str, dtype: str, lora: dict | None, eos_token_id: int, pad_token_id: int,
                  seed: int, max_model_len: int, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None):
+                 gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None,
+                 weight_sync: str = "object_store"):
         from coati_ray.errors import require
 
         on_gpu = torch.cuda.is_available()
@@ -76,6 +77,13 @@ class VLLMBackend(GenerationBackend):
                   "worker_extension_cls": "coati_ray.engines.vllm_worker.CoatiWorkerExtension"}
         if tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"
+        if weight_sync == "nccl":  # vLLM's weight-transfer engine in every worker (GPU only)
+            if not on_gpu:
+                raise ConfigError("vllm_weight_sync", "nccl needs CUDA GPUs; on CPU use object_store")
+            if lora:
+                raise ConfigError("vllm_weight_sync", "LoRA runs sync through the object store (the generator "
+                                  "merges the adapter); use object_store")
+            kwargs["weight_transfer_config"] = {"backend": "nccl"}
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as e:  # engine start-up fails deep inside vLLM; say what we asked for
@@ -122,6 +130,19 @@ class VLLMBackend(GenerationBackend):
             arg = named
         self.llm.collective_rpc("coati_load_weights", args=(arg,))
         self.llm.reset_prefix_cache()  # cached KV blocks hold activations of the old weights
+
+    def nccl_connect(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """Join the sync group (see vllm_nccl.py); blocks until trainer rank 0 joins too."""
+        self.llm.collective_rpc("init_weight_transfer_engine", args=({
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "packed": False},))
+
+    def nccl_receive(self, update_info: dict) -> None:
+        """Receive one full update broadcast by trainer rank 0 (names, dtype_names, shapes)."""
+        self.llm.collective_rpc("start_weight_update")
+        self.llm.collective_rpc("update_weights", args=(update_info,))
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()
 
     def _merge_lora(self, update: WeightUpdate) -> list[tuple[str, torch.Tensor]]:
         """W0 + (alpha / r) * B @ A for every adapted module in `update` (HF base names)."""

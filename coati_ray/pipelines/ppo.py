@@ -235,7 +235,12 @@ def _loop(job: PPOJob, actors: Roles, n_prompts: int, progress: bool) -> PPOResu
     version = result.start_step  # weights version = PPO steps applied
     get_unwrapped(actors.buffer.start_at.remote(result.start_step))
     # Generators start from the initial policy; after a resume they load the checkpoint's weights.
-    weights = [actors.policy.publish(version)] if version > 0 else [None]
+    nccl = ppo.generator_backend == "vllm" and ppo.vllm_weight_sync == "nccl"
+    if nccl:  # weights are pushed into the engines; `weights` stays [None]
+        actors.policy.nccl_connect(actors.generators, [ppo.vllm_tensor_parallel_size] * len(actors.generators))
+        if version > 0:
+            actors.policy.nccl_push(version, actors.generators)
+    weights = [actors.policy.publish(version)] if version > 0 and not nccl else [None]
     writer = SummaryWriter(str(save / "tensorboard"))
     bar = tqdm(total=total, initial=result.start_step, desc="ppo", disable=not progress, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -265,9 +270,13 @@ def _loop(job: PPOJob, actors: Roles, n_prompts: int, progress: bool) -> PPOResu
             cm = get_unwrapped(cf)[0] if cf else {}
             t_train = time.perf_counter()
             # 5. weight sync: published once; each generator reads it from the object store before
-            #    its next rollout (the load time is reported with that rollout)
+            #    its next rollout (the load time is reported with that rollout). With
+            #    --vllm_weight_sync nccl, trainer rank 0 broadcasts into every engine instead.
             version = step + 1
-            weights = [actors.policy.publish(version)]
+            if nccl:  # every engine holds `version` when this returns
+                actors.policy.nccl_push(version, actors.generators)
+            else:
+                weights = [actors.policy.publish(version)]
             t_sync = time.perf_counter()
             step += 1
             check = {}

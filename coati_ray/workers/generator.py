@@ -75,7 +75,8 @@ class GeneratorWorker:
                                     job.ppo.seed, max_model_len=job.data.max_len,
                                     vllm_options={"tensor_parallel_size": job.ppo.vllm_tensor_parallel_size,
                                                   "gpu_memory_utilization": job.ppo.vllm_gpu_memory_utilization,
-                                                  "enforce_eager": job.ppo.vllm_enforce_eager})
+                                                  "enforce_eager": job.ppo.vllm_enforce_eager,
+                                                  "weight_sync": job.ppo.vllm_weight_sync})
         self.version = 0
         self.rollouts = 0
 
@@ -87,6 +88,16 @@ class GeneratorWorker:
             return 0.0
         self.backend.load_weights(update)
         self.version = update.version
+        return time.perf_counter() - t0
+
+    def nccl_connect(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        self.backend.nccl_connect(master_address, master_port, rank_offset, world_size)
+
+    def nccl_receive(self, version: int, update_info: dict) -> float:
+        """Receive weights `version` broadcast by trainer rank 0 (--vllm_weight_sync nccl); seconds taken."""
+        t0 = time.perf_counter()
+        self.backend.nccl_receive(update_info)
+        self.version = version
         return time.perf_counter() - t0
 
     def weight_version(self) -> int:
@@ -101,8 +112,8 @@ class GeneratorWorker:
         padding after a short response is not defined."""
         import ray
 
-        update: WeightUpdate = ray.get(weights[0])
-        self.load_weights(update)
+        if weights[0] is not None:  # None: pushed over NCCL already
+            self.load_weights(ray.get(weights[0]))
         e = exp.select(list(range(min(rows, exp.size))))
         return self.version, self.log_probs(e.sequences, e.attention_mask, e.num_actions) * e.action_mask
 

@@ -144,6 +144,31 @@ class PolicyWorker(PPOTrainerBase):
             sd = {k: v for k, v in sd.items() if "lora_" in k}
         return WeightUpdate(version, sd, adapter_only=bool(self.job.lora))
 
+    # --- NCCL push into vLLM engines (--vllm_weight_sync nccl; see engines/vllm_nccl.py) -------------
+    def nccl_open(self, master_address: str, master_port: int, world_size: int) -> None:
+        """Rank 0 joins the sync group as its sender (blocks until every engine worker joins)."""
+        from coati_ray.engines.vllm_nccl import NcclSender
+
+        if self.rank == 0:
+            self._nccl = NcclSender(master_address, master_port, world_size)
+
+    def nccl_gather(self, version: int) -> dict | None:
+        """Gather the full weights (every rank); rank 0 keeps them and returns what engines must allocate."""
+        from coati_ray.engines.vllm_backend import _hf_name
+        from coati_ray.engines.vllm_nccl import meta_of
+
+        sd, _ = self.strategy.state_dicts(self.model, None)
+        self.version = version
+        if self.rank != 0:
+            return None
+        self._nccl_pending = sd
+        return meta_of(sd, _hf_name).as_update_info()
+
+    def nccl_broadcast(self) -> None:
+        """Rank 0 sends the gathered weights; the engines receive them in the same call order."""
+        sd, self._nccl_pending = self._nccl_pending, None
+        self._nccl.send(sd)
+
     @torch.no_grad()
     def score_log_probs(self, exp, rows: int = 2) -> torch.Tensor:
         """The trainer's log-probs of the first `rows` of `exp`, 0 past each response's end

@@ -103,3 +103,18 @@ def test_weight_update_travels_out_of_band_and_keeps_dtype_and_shape():
     for k, t in tensors.items():
         assert back.tensors[k].dtype == t.dtype and back.tensors[k].shape == t.shape
         assert torch.equal(back.tensors[k], t)
+
+
+def test_nccl_sync_group_ranks_put_the_trainer_first_and_engines_after_it():
+    from coati_ray.engines.vllm_nccl import engine_ranks
+
+    assert engine_ranks([1, 1, 1]) == ([1, 2, 3], 4)
+    assert engine_ranks([2, 4]) == ([1, 3], 7)  # each engine's tp workers take consecutive ranks
+
+
+def test_nccl_weight_sync_needs_the_vllm_backend():
+    from coati_ray.config import PPOArgs
+    from coati_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--vllm_weight_sync: nccl is for the vllm generator backend"):
+        PPOArgs(vllm_weight_sync="nccl").validate()

@@ -158,3 +158,14 @@ def test_scoring_at_another_temperature_is_refused(engine):
 
     with pytest.raises(ConfigError, match="temperature 1 only"):
         engine.log_probs(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long), 2, temperature=0.7)
+
+
+def test_nccl_weight_sync_is_refused_where_it_cannot_run(micro_model, tokenizer):
+    """On CPU (and with LoRA) the NCCL push is refused before any engine starts, naming the flag."""
+    from coati_ray.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="--vllm_weight_sync: nccl needs CUDA"):
+        VLLMBackend(micro_model, "fp32", None, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=0,
+                    max_model_len=256, weight_sync="nccl")
