@@ -22,9 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # vLLM other
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
-import gc
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,66 +74,68 @@ def backends(path: str, max_len: int, mem: float):
     return hf, vl, {"hf_start_s": t1 - t0, "vllm_start_s": t2 - t1}
 
 
-def part_a(args, root: Path) -> list[dict]:
+def rollout(args, size: str, root: Path) -> dict:
+    """Part a for one model: both backends, interleaved rounds, the first round not counted."""
     from coati_ray.engines.generation import SamplingParams
 
-    rows = []
-    for size in args.gen_sizes:
-        path = model_dir(size, root)
-        hf, vl, start = backends(path, 512, args.mem)
-        vocab = hf.model.config.vocab_size
-        g = torch.Generator().manual_seed(1)
-        prompts = [torch.randint(3, vocab, (int(n),), generator=g).tolist()
-                   for n in torch.randint(8, 24, (args.batch,), generator=g)]
-        times = {"hf": [], "vllm": []}
-        tokens = {"hf": [], "vllm": []}
-        for r in range(args.repeats + 1):  # the first round warms both up and is not counted
-            for name, b in (("hf", hf), ("vllm", vl)):
-                p = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, seed=100 + r)
-                t0 = time.perf_counter()
-                out = b.generate(prompts, p)
-                dt = time.perf_counter() - t0
-                if r:
-                    times[name].append(dt)
-                    tokens[name].append(sum(len(o.token_ids) for o in out))
-        row = {"model": size, "params_M": sum(p.numel() for p in hf.model.parameters()) / 1e6,
-               "batch": args.batch, "new_tokens": args.new_tokens, **start}
-        for name in ("hf", "vllm"):
-            row[f"{name}_tok_s"] = med(t / s for t, s in zip(tokens[name], times[name]))
-            row[f"{name}_s"] = med(times[name])
-        row["vllm_over_hf"] = row["vllm_tok_s"] / row["hf_tok_s"]
-        rows.append(row)
-        del vl, hf
-        gc.collect()
-    return rows
+    hf, vl, start = backends(model_dir(size, root), 512, args.mem)
+    vocab = hf.model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, vocab, (int(n),), generator=g).tolist()
+               for n in torch.randint(8, 24, (args.batch,), generator=g)]
+    times: dict[str, list[float]] = {"hf": [], "vllm": []}
+    tokens: dict[str, list[int]] = {"hf": [], "vllm": []}
+    for r in range(args.repeats + 1):
+        for name, b in (("hf", hf), ("vllm", vl)):
+            p = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, seed=100 + r)
+            t0 = time.perf_counter()
+            out = b.generate(prompts, p)
+            dt = time.perf_counter() - t0
+            if r:
+                times[name].append(dt)
+                tokens[name].append(sum(len(o.token_ids) for o in out))
+    row = {"model": size, "params_M": sum(p.numel() for p in hf.model.parameters()) / 1e6,
+           "batch": args.batch, "new_tokens": args.new_tokens, **start}
+    for name in ("hf", "vllm"):
+        row[f"{name}_tok_s"] = med(t / s for t, s in zip(tokens[name], times[name]))
+        row[f"{name}_s"] = med(times[name])
+    row["vllm_over_hf"] = row["vllm_tok_s"] / row["hf_tok_s"]
+    return row
 
 
-def part_b(args, root: Path) -> list[dict]:
+def sync(args, size: str, root: Path) -> dict:
+    """Part b for one model: load_weights of a new full version into each backend, interleaved."""
     from coati_ray.engines.generation import WeightUpdate
 
-    rows = []
-    for size in args.sync_sizes:
-        path = model_dir(size, root)
-        hf, vl, _ = backends(path, 256, args.mem)
-        sd = {k: v.clone() for k, v in hf.model.state_dict().items()}
-        nbytes = sum(t.numel() * t.element_size() for t in sd.values())
-        times = {"hf": [], "vllm": []}
-        for v in range(1, args.repeats + 2):
-            for t in sd.values():
-                t.mul_(1.0001)  # a new version
-            update = WeightUpdate(v, sd)
-            for name, b in (("hf", hf), ("vllm", vl)):
-                t0 = time.perf_counter()
-                b.load_weights(update)
-                if v > 1:  # the first load of each warms up
-                    times[name].append(time.perf_counter() - t0)
-        row = {"model": size, "MB": nbytes / 2**20, "hf_load_s": med(times["hf"]), "vllm_load_s": med(times["vllm"])}
-        row["vllm_over_hf"] = row["vllm_load_s"] / row["hf_load_s"]
-        row["vllm_GB_s"] = nbytes / 2**30 / row["vllm_load_s"]
-        rows.append(row)
-        del vl, hf
-        gc.collect()
-    return rows
+    hf, vl, _ = backends(model_dir(size, root), 256, args.mem)
+    sd = {k: v.clone() for k, v in hf.model.state_dict().items()}
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    times: dict[str, list[float]] = {"hf": [], "vllm": []}
+    for v in range(1, args.repeats + 2):
+        for t in sd.values():
+            t.mul_(1.0001)  # a new version
+        update = WeightUpdate(v, sd)
+        for name, b in (("hf", hf), ("vllm", vl)):
+            t0 = time.perf_counter()
+            b.load_weights(update)
+            if v > 1:  # the first load of each warms up
+                times[name].append(time.perf_counter() - t0)
+    row = {"model": size, "MB": nbytes / 2**20, "hf_load_s": med(times["hf"]), "vllm_load_s": med(times["vllm"])}
+    row["vllm_over_hf"] = row["vllm_load_s"] / row["hf_load_s"]
+    row["vllm_GB_s"] = nbytes / 2**30 / row["vllm_load_s"]
+    return row
+
+
+def in_subprocess(part: str, size: str, args) -> dict:
+    """One model's measurement in a fresh process: vLLM on CPU counts the whole process's memory,
+    and an engine's memory is not given back when it is dropped."""
+    cmd = [sys.executable, __file__, "--one", f"{part}:{size}", "--repeats", str(args.repeats), "--batch",
+           str(args.batch), "--new_tokens", str(args.new_tokens), "--mem", str(args.mem)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{part}:{size} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
 def table(title: str, rows: list[dict]) -> None:
@@ -152,21 +154,27 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--out", default="bench/vllm.json")
     ap.add_argument("--mem", type=float, default=0.4, help="vLLM gpu_memory_utilization (on CPU: of RAM)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # PART:SIZE, run in a subprocess by the main process
     args = ap.parse_args()
-    args.gen_sizes, args.sync_sizes = ["tiny", "50M"], ["50M", "200M"]
+    if args.one:
+        part, size = args.one.split(":")
+        with tempfile.TemporaryDirectory() as tmp:
+            row = (rollout if part == "a" else sync)(args, size, Path(tmp))
+        print("RESULT " + json.dumps(row))
+        return
+    gen_sizes, sync_sizes = ["tiny", "50M"], ["50M", "200M"]
     if args.quick:
-        args.gen_sizes, args.sync_sizes, args.repeats = ["tiny"], ["5M"], 1
+        gen_sizes, sync_sizes, args.repeats = ["tiny"], ["5M"], 1
     import vllm
 
     env = {"torch": torch.__version__, "vllm": vllm.__version__, "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}
     print(env)
-    with tempfile.TemporaryDirectory() as tmp:
-        a = part_a(args, Path(tmp))
-        table(f"a) rollout: {args.batch} prompts x up to {args.new_tokens} new tokens, fp32 (median of "
-              f"{args.repeats})", a)
-        b = part_b(args, Path(tmp))
-        table(f"b) weight sync: load_weights of a full fp32 update (median of {args.repeats})", b)
+    a = [in_subprocess("a", s, args) for s in gen_sizes]
+    table(f"a) rollout: {args.batch} prompts x up to {args.new_tokens} new tokens, fp32, "
+          f"median of {args.repeats} interleaved rounds", a)
+    b = [in_subprocess("b", s, args) for s in sync_sizes]
+    table(f"b) weight sync: load_weights of a full fp32 update, median of {args.repeats} interleaved", b)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"env": env, "args": vars(args), "a": a, "b": b}, indent=1))
     print(f"\nwrote {args.out}")
