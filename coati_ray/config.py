@@ -12,8 +12,9 @@ from typing import Literal
 
 from coati_ray.errors import ConfigError
 
-STRATEGIES = ("ddp", "fsdp", "colossalai_zero2", "colossalai_gemini")
-Strategy = Literal["ddp", "fsdp", "colossalai_zero2", "colossalai_gemini"]
+# colossalai_ddp / colossalai_hybrid run the colossalai booster path on CPU (see engines/strategy.py)
+STRATEGIES = ("ddp", "fsdp", "colossalai_zero2", "colossalai_gemini", "colossalai_ddp", "colossalai_hybrid")
+Strategy = Literal["ddp", "fsdp", "colossalai_zero2", "colossalai_gemini", "colossalai_ddp", "colossalai_hybrid"]
 PRESET_LR = 1e-3  # a randomly initialised tiny model learns at this rate
 PRETRAINED_LR = 5e-6  # ColossalChat's default for real pretrained models
 

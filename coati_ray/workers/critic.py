@@ -92,9 +92,8 @@ class CriticWorker(PPOTrainerBase):
                 with self._autocast():
                     v = action_values(self.model, mb).float()
                     loss_sum, clipped = value_loss(v, mb.values, mb.returns, mb.action_mask, ppo.value_clip)
-                (loss_sum * self.world_size / count).backward()
-                sums["grad_norm"] += self.strategy.clip_grad_norm(self.model, ppo.grad_clip)
-                self.optimizer.step()
+                self.strategy.backward(loss_sum * self.world_size / count, self.model, self.optimizer)
+                sums["grad_norm"] += self.strategy.optimizer_step(self.model, self.optimizer, ppo.grad_clip)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 sums["updates"] += 1

@@ -100,9 +100,8 @@ class PolicyWorker(PPOTrainerBase):
                         sums["ptx"] += float(ptx_sum.detach()) / ptx_count
                     loss = combine_actor_loss(out.loss_sum * scale, ptx, ppo.ptx_coef,
                                               None if ent_sum is None else ent_sum * scale, ppo.entropy_coef)
-                loss.backward()
-                sums["grad_norm"] += self.strategy.clip_grad_norm(self.model, ppo.grad_clip)
-                self.optimizer.step()
+                self.strategy.backward(loss, self.model, self.optimizer)
+                sums["grad_norm"] += self.strategy.optimizer_step(self.model, self.optimizer, ppo.grad_clip)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.updates += 1

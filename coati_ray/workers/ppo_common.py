@@ -24,15 +24,14 @@ class PPOTrainerBase(TrainerWorker):
         random.seed(ppo.seed)
         torch.manual_seed(ppo.seed)
         self._tokenizer = load_tokenizer(job.policy_path)
-        self.strategy = make_strategy(ppo.strategy, self.device)
+        self.strategy = make_strategy(ppo.strategy, self.device, grad_clip=ppo.grad_clip, dtype=job.model.dtype)
         model = self.build_model()
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.model = self.strategy.wrap(model)
         self.lr = lr
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
-                                           weight_decay=0.0, betas=(0.9, 0.95))
-        self.scheduler = get_constant_schedule(self.optimizer)  # kept for the checkpoint format
+        self.model, self.optimizer = self.strategy.prepare(model, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+        # kept for the checkpoint format
+        self.scheduler = get_constant_schedule(self.strategy.schedulable(self.optimizer))
         return {"params": params, "trainable_params": trainable, "lr": lr}
 
     @property

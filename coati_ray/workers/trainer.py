@@ -109,14 +109,14 @@ class TrainerWorker:
         kw = {"rm_args": job.rm} if job.stage == "rm" else {}
         self.task: Task = task_cls(job.model_path, job.model, job.data, job.train_file, job.eval_file, ta.seed, **kw)
         self.data = self.task.build_datasets()
-        self.strategy = make_strategy(ta.strategy, self.device)
+        self.strategy = make_strategy(ta.strategy, self.device, grad_clip=ta.grad_clip,
+                                      accumulation_steps=ta.accumulation_steps, dtype=job.model.dtype)
         model = self.task.build_model()
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.model = self.strategy.wrap(model)
         self.lr = ta.lr or (PRESET_LR if job.is_preset else PRETRAINED_LR)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr,
-                                           weight_decay=ta.weight_decay, betas=(ta.adam_beta1, ta.adam_beta2))
+        self.model, self.optimizer = self.strategy.prepare(model, lr=self.lr, weight_decay=ta.weight_decay,
+                                                           betas=(ta.adam_beta1, ta.adam_beta2))
         self.micro = ta.batch_size
         self.global_batch = ta.batch_size * ta.accumulation_steps * self.world_size
         self.steps_per_epoch = len(self.data.train) // self.global_batch
@@ -131,7 +131,8 @@ class TrainerWorker:
             self.total_steps = min(self.total_steps, ta.max_steps)
         from transformers import get_cosine_schedule_with_warmup
 
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(ta.warmup_ratio * self.total_steps),
+        warmup = math.ceil(ta.warmup_ratio * self.total_steps)
+        self.scheduler = get_cosine_schedule_with_warmup(self.strategy.schedulable(self.optimizer), warmup,
                                                          self.total_steps)
         return SetupInfo(len(self.data.train), len(self.data.eval), self.steps_per_epoch, self.total_steps,
                          self.global_batch, params, trainable, self.data.skipped, self.data.dropped, self.lr)
@@ -175,17 +176,16 @@ class TrainerWorker:
         for j, batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             last = j == len(batches) - 1
-            with self.strategy.no_sync(self.model, sync=last), self._autocast():
+            with self.strategy.no_sync(self.model, sync=last, optimizer=self.optimizer), self._autocast():
                 s, extra = self.task.loss(self.model, batch)
                 # x world_size: DDP/FSDP average gradients over ranks, we want the global-count mean.
-                (s * (self.world_size / global_count)).backward()
+                self.strategy.backward(s * (self.world_size / global_count), self.model, self.optimizer)
             loss_sum += float(s.detach())
             tokens += int(batch["attention_mask"].sum())
             for k, v in extra.items():
                 extras[k] = extras.get(k, 0.0) + v
-        grad_norm = self.strategy.clip_grad_norm(self.model, self.job.train.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        grad_norm = self.strategy.optimizer_step(self.model, self.optimizer, self.job.train.grad_clip)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -302,5 +302,7 @@ class TrainerWorker:
             dist.barrier()
 
     def shutdown(self) -> None:
+        if getattr(self, "strategy", None) is not None:
+            self.strategy.close()
         if dist.is_initialized():
             dist.destroy_process_group()
