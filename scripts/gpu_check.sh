@@ -32,7 +32,7 @@ for m in ("vllm", "colossalai", "ray", "transformers"):
 PY
 suites=(tests/gpu)
 "$PY" -c "import colossalai" 2>/dev/null && suites+=(tests/colossalai_booster)
-"$PY" -c "import vllm" 2>/dev/null && suites+=(tests/vllm)
+"$PY" -c "import vllm" 2>/dev/null && suites+=(tests/vllm_engine)
 "$PY" -m pytest -p no:cacheprovider -q -rA --timeout 300 --junitxml "$OUT/junit.xml" "${suites[@]}" \
   >"$OUT/pytest.log" 2>&1
 rc=$?
