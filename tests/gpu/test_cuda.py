@@ -85,31 +85,23 @@ def test_sft_in_a_gpu_trainer_actor(ray_cluster, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
-def test_ppo_with_vllm_on_the_gpu(ray_cluster, tmp_path):
+def test_ppo_with_vllm_on_the_gpu(ray_cluster, tmp_path, train_micro_pair):
     from coati_ray.config import (
         ClusterArgs,
         DataArgs,
         ModelArgs,
         PPOArgs,
-        RMArgs,
         RoleArgs,
-        TrainArgs,
     )
     from coati_ray.pipelines.ppo import run_ppo
-    from coati_ray.pipelines.supervised import run_training
 
     cl = ClusterArgs(trainers=1, gpus_per_trainer=0.2)
-    run_training("sft", ModelArgs(preset_size="micro"), DataArgs(max_samples=400),
-                 TrainArgs(batch_size=16, max_epochs=1, lr=3e-3, save_path=str(tmp_path / "sft"), log_interval=1000),
-                 cl, progress=False)
-    run_training("rm", ModelArgs(pretrain=str(tmp_path / "sft")), DataArgs(max_samples=400),
-                 TrainArgs(batch_size=16, max_epochs=1, lr=1e-3, save_path=str(tmp_path / "rm"), log_interval=1000),
-                 cl, RMArgs(), progress=False)
-    args = PPOArgs(rm_path=str(tmp_path / "rm"), generator_backend="vllm", vllm_gpu_memory_utilization=0.2,
+    sft, rm = train_micro_pair(tmp_path, sft_samples=400, cluster=cl)
+    args = PPOArgs(rm_path=rm, generator_backend="vllm", vllm_gpu_memory_utilization=0.2,
                    experience_batch_size=16, train_batch_size=8, max_new_tokens=16, lr=1e-3, max_steps=3,
                    sync_check_interval=1, save_path=str(tmp_path / "ppo"))
     roles = RoleArgs(actors=1, generator_gpus=0.2, reference_gpus=0.1, reward_gpus=0.1, critic_gpus=0.2)
-    out = run_ppo(ModelArgs(pretrain=str(tmp_path / "sft")), DataArgs(), args, roles, cl, progress=False)
+    out = run_ppo(ModelArgs(pretrain=sft), DataArgs(), args, roles, cl, progress=False)
     assert len(out.history) == 3
     assert max(m["sync/logprob_max_diff"] for m in out.history) < 1e-3  # fp32 on GPU kernels (TF32 off)
     assert [set(v) for v in out.trained_versions] == [{0}, {1}, {2}]
@@ -117,21 +109,21 @@ def test_ppo_with_vllm_on_the_gpu(ray_cluster, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None or torch.cuda.device_count() < 2,
                     reason="needs vLLM and 2 GPUs (NCCL refuses two ranks on one GPU)")
-def test_ppo_with_nccl_weight_sync_into_vllm(ray_cluster, tmp_path):
-    from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, PPOArgs, RMArgs, RoleArgs, TrainArgs
+def test_ppo_with_nccl_weight_sync_into_vllm(ray_cluster, tmp_path, train_micro_pair):
+    from coati_ray.config import (
+        ClusterArgs,
+        DataArgs,
+        ModelArgs,
+        PPOArgs,
+        RoleArgs,
+    )
     from coati_ray.pipelines.ppo import run_ppo
-    from coati_ray.pipelines.supervised import run_training
 
-    run_training("sft", ModelArgs(preset_size="micro"), DataArgs(max_samples=400),
-                 TrainArgs(batch_size=16, max_epochs=1, lr=3e-3, save_path=str(tmp_path / "sft"), log_interval=1000),
-                 ClusterArgs(trainers=1), progress=False)
-    run_training("rm", ModelArgs(pretrain=str(tmp_path / "sft")), DataArgs(max_samples=400),
-                 TrainArgs(batch_size=16, max_epochs=1, lr=1e-3, save_path=str(tmp_path / "rm"), log_interval=1000),
-                 ClusterArgs(trainers=1), RMArgs(), progress=False)
-    args = PPOArgs(rm_path=str(tmp_path / "rm"), generator_backend="vllm", vllm_weight_sync="nccl",
+    sft, rm = train_micro_pair(tmp_path, sft_samples=400)
+    args = PPOArgs(rm_path=rm, generator_backend="vllm", vllm_weight_sync="nccl",
                    vllm_gpu_memory_utilization=0.3, experience_batch_size=16, train_batch_size=8, max_new_tokens=16,
                    lr=1e-3, max_steps=3, sync_check_interval=1, save_path=str(tmp_path / "ppo"))
-    out = run_ppo(ModelArgs(pretrain=str(tmp_path / "sft")), DataArgs(), args, RoleArgs(actors=1, generator_gpus=1),
+    out = run_ppo(ModelArgs(pretrain=sft), DataArgs(), args, RoleArgs(actors=1, generator_gpus=1),
                   ClusterArgs(trainers=1, gpus_per_trainer=1), progress=False)
     assert max(m["sync/logprob_max_diff"] for m in out.history) < 1e-3  # the broadcast landed in the engine
     assert [set(v) for v in out.trained_versions] == [{0}, {1}, {2}]

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, PPOArgs, RMArgs, RoleArgs, TrainArgs
+from coati_ray.config import (
+    ClusterArgs,
+    DataArgs,
+    ModelArgs,
+    PPOArgs,
+    RoleArgs,
+)
 from coati_ray.pipelines.ppo import run_ppo
-from coati_ray.pipelines.supervised import run_training
 
 SYNC_TOL = 1e-4  # generator vs trainer log-prob after a sync (float32 noise is ~1e-6)
 
 
 @pytest.fixture(scope="module")
-def models(ray_cluster, tmp_path_factory):
+def models(ray_cluster, tmp_path_factory, train_micro_pair):
     """A micro SFT policy (2 epochs) and a reward model trained from it (about a minute)."""
-    root = tmp_path_factory.mktemp("ppo_models")
-    run_training("sft", ModelArgs(preset_size="micro"), DataArgs(),
-                 TrainArgs(batch_size=16, max_epochs=2, lr=3e-3, save_path=str(root / "sft"), log_interval=1000),
-                 ClusterArgs(trainers=1), progress=False)
-    run_training("rm", ModelArgs(pretrain=str(root / "sft")), DataArgs(max_samples=1600),
-                 TrainArgs(batch_size=16, max_epochs=1, lr=1e-3, save_path=str(root / "rm"), log_interval=1000),
-                 ClusterArgs(trainers=1), RMArgs(), progress=False)
-    return str(root / "sft"), str(root / "rm")
+    return train_micro_pair(tmp_path_factory.mktemp("ppo_models"), sft_epochs=2, rm_samples=1600)
 
 
 def ppo(models, save_path, actors=1, trainers=1, **kw):

@@ -11,26 +11,16 @@ from coati_ray.config import (
     DataArgs,
     ModelArgs,
     PPOArgs,
-    RMArgs,
     RoleArgs,
-    TrainArgs,
 )
 from coati_ray.pipelines.ppo import run_ppo
-from coati_ray.pipelines.supervised import run_training
 
 SYNC_TOL = 1e-4  # engine vs trainer log-probs after a sync, both float32
 
 
 @pytest.fixture(scope="module")
-def models(ray_cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("vllm_ppo_models")
-    run_training("sft", ModelArgs(preset_size="micro"), DataArgs(max_samples=800),
-                 TrainArgs(batch_size=16, max_epochs=1, lr=3e-3, save_path=str(root / "sft"), log_interval=1000),
-                 ClusterArgs(trainers=1), progress=False)
-    run_training("rm", ModelArgs(pretrain=str(root / "sft")), DataArgs(max_samples=400),
-                 TrainArgs(batch_size=16, max_epochs=1, lr=1e-3, save_path=str(root / "rm"), log_interval=1000),
-                 ClusterArgs(trainers=1), RMArgs(), progress=False)
-    return str(root / "sft"), str(root / "rm")
+def models(ray_cluster, tmp_path_factory, train_micro_pair):
+    return train_micro_pair(tmp_path_factory.mktemp("vllm_ppo_models"), sft_samples=800)
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
