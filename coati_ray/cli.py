@@ -54,9 +54,20 @@ def parse(dataclasses: Sequence[type], argv: Sequence[str] | None, description: 
     if local_flag:
         parser.add_argument("--local", action="store_true",
                             help="Run the single trainer in this process instead of as a Ray actor (debugging).")
+    argv = _bare_resume_means_auto(list(sys.argv[1:] if argv is None else argv))
     *parts, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False,
                                                       look_for_args_file=False, args_file_flag=None)
     return parts, extra
+
+
+def _bare_resume_means_auto(argv: list[str]) -> list[str]:
+    """`--resume` with no value (the flag's older, boolean form) means `--resume auto`."""
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("auto")
+    return out
 
 
 def run_main(fn: Callable[[], T]) -> T:

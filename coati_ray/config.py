@@ -106,10 +106,13 @@ class TrainArgs:
     save_path: str = _help("Where the trained model (HF directory), checkpoints and logs go.",
                            default="outputs/sft")
     ckpt_interval: int = _help("Save a resumable checkpoint every N steps (0: only at the end).", default=0)
-    resume: bool = _help("Resume from the latest checkpoint under --save_path.", default=False)
+    resume: str = _help("'auto' (or a bare --resume): continue from the latest checkpoint under --save_path, "
+                        "starting fresh when there is none; a checkpoint directory: continue from it; 'no': "
+                        "start fresh.", default="no")
     eval_interval: int = _help("Evaluate every N steps (0: only at the end).", default=0)
 
     def validate(self) -> None:
+        check_resume(self)
         if self.strategy not in STRATEGIES:
             raise ConfigError("strategy", f"unknown strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
         for name in ("batch_size", "accumulation_steps", "max_epochs", "log_interval"):
@@ -247,12 +250,15 @@ class PPOArgs:
     save_path: str = _help("Final policy (HF directory); checkpoints/, critic/ and tensorboard/ inside.",
                            default="outputs/ppo")
     ckpt_interval: int = _help("Save a resumable checkpoint every N steps (0: only at the end).", default=0)
-    resume: bool = _help("Resume from the latest checkpoint under --save_path.", default=False)
+    resume: str = _help("'auto' (or a bare --resume): continue from the latest checkpoint under --save_path, "
+                        "starting fresh when there is none; a checkpoint directory: continue from it; 'no': "
+                        "start fresh.", default="no")
 
     def step_samples(self) -> int:
         return self.experience_batch_size * self.n_samples_per_prompt
 
     def validate(self, trainers: int = 1) -> None:
+        check_resume(self)
         if self.strategy not in STRATEGIES:
             raise ConfigError("strategy", f"unknown strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
         for name in ("num_episodes", "experience_batch_size", "n_samples_per_prompt", "train_batch_size",
@@ -323,6 +329,15 @@ class RoleArgs:
     reward_gpus: float = _help("GPUs per reward actor.", default=0.0)
     critic_cpus: float = _help("CPUs per critic trainer actor.", default=1.0)
     critic_gpus: float = _help("GPUs per critic trainer actor.", default=0.0)
+    placement: Literal["auto", "nodes", "none"] = _help(
+        "Node types per role (see cluster.yaml): 'nodes' puts generators, references and rewards on nodes "
+        "with the --rollout_resource marker and trainers and critics on --trainer_resource nodes; 'auto' "
+        "does so when the cluster has those resources; 'none' ignores them.", default="auto")
+    rollout_resource: str = _help("Custom resource that marks rollout nodes.", default="rollout")
+    trainer_resource: str = _help("Custom resource that marks trainer nodes.", default="trainer")
+    max_restarts: int = _help("Times Ray restarts a crashed generator, reference or reward actor (a chunk in "
+                              "flight is issued again; a restarted generator loads the current weights).",
+                              default=3)
     custom_resources: str = _help("Ray custom resources per role as JSON, e.g. "
                                   "'{\"generator\": {\"rollout_node\": 1}, \"trainer\": {\"train_node\": 1}}' "
                                   "(roles: generator, reference, reward, critic, trainer, buffer).", default="{}")
@@ -341,6 +356,8 @@ class RoleArgs:
         return d
 
     def validate(self) -> None:
+        if self.max_restarts < 0:
+            raise ConfigError("max_restarts", f"must be >= 0, got {self.max_restarts}")
         for name in ("actors", "ref_workers", "reward_workers", "critic_trainers"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
@@ -350,6 +367,16 @@ class RoleArgs:
             if getattr(self, f"{role}_gpus") < 0:
                 raise ConfigError(f"{role}_gpus", f"must be >= 0, got {getattr(self, f'{role}_gpus')}")
         self.resources()
+
+
+def check_resume(args) -> None:
+    """Normalise `args.resume` (True / False from Python callers) and check it."""
+    import os
+
+    if isinstance(args.resume, bool):
+        args.resume = "auto" if args.resume else "no"
+    if args.resume not in ("no", "auto") and not os.path.isdir(args.resume):
+        raise ConfigError("resume", f"expected 'auto', 'no' or a checkpoint directory; {args.resume} is none of them")
 
 
 def validate_all(*parts) -> None:

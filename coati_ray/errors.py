@@ -70,3 +70,8 @@ def require(package: str, extra: str, purpose: str):
         return importlib.import_module(package)
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise MissingExtraError(package, extra, purpose) from e
+
+
+class RunStopped(CoatiError, RuntimeError):
+    """A run stopped because part of the cluster failed (e.g. a trainer actor died); its message
+    names the failure, the checkpoint to continue from and how."""

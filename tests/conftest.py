@@ -43,8 +43,10 @@ def tokenizer(micro_model):
 def ray_cluster():
     import ray
 
+    if ray.is_initialized():  # the simulated cluster of tests/cluster, when its teardown has not run yet
+        ray.shutdown()
     # Logical CPUs: a PPO run starts up to 7 one-CPU actors; they share the real cores.
-    ray.init(num_cpus=8, include_dashboard=False, namespace="coati_ray_tests", logging_level="ERROR",
+    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="coati_ray_tests", logging_level="ERROR",
              runtime_env={"env_vars": {"COATI_RAY_CACHE": os.environ["COATI_RAY_CACHE"],
                                        "TOKENIZERS_PARALLELISM": "false"}})
     yield ray

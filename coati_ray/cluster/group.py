@@ -45,6 +45,40 @@ def get_unwrapped(refs):
         raise
 
 
+def get_restartable(call, timeout_s: float = 900.0):
+    """`get_unwrapped(call())` for an actor Ray may be restarting: while it answers
+    ActorUnavailableError ("restarting"), make the (idempotent) call again, up to `timeout_s`
+    (a restarting generator reloads its engine: a vLLM one takes about a minute)."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return get_unwrapped(call())
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def get_all(refs: list) -> list:
+    """`get_unwrapped` of every ref, raising as soon as *any* fails.
+
+    The ranks of a group meet in collectives: when one dies, the others block in the next
+    collective, so waiting for the refs in order would hang on a live rank instead of reporting
+    the dead one.
+    """
+    import ray
+
+    left = list(refs)
+    while left:
+        done, left = ray.wait(left, num_returns=1)
+        get_unwrapped(done)
+    return get_unwrapped(refs)
+
+
 class TrainerGroup:
     worker_cls: type = TrainerWorker
 
@@ -57,10 +91,19 @@ class TrainerGroup:
             self.workers: list[Any] = [self.worker_cls(0, 1, num_threads=int(cpus_per_trainer))]
             return
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from coati_ray.cluster.placement import reserve_packed, trainer_bundles
+
+        # The ranks go into one PACK placement group: on one node when they fit, so their
+        # collectives stay on the node (and a restarted run gets the same shape).
+        self.pg = reserve_packed(trainer_bundles(num_trainers, cpus_per_trainer, gpus_per_trainer, resources),
+                                 f"the {num_trainers} {name_prefix} ranks")
         self.workers = [start_actor(self.worker_cls, f"{name_prefix}-{rank}",
                                     (rank, num_trainers, max(1, int(cpus_per_trainer))),
-                                    cpus_per_trainer, gpus_per_trainer, resources)
+                                    cpus_per_trainer, gpus_per_trainer, resources,
+                                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                        self.pg, placement_group_bundle_index=rank))
                         for rank in range(num_trainers)]
         addr, port = ray.get(self.workers[0].master_address.remote())
         ray.get([w.init_process_group.remote(addr, port) for w in self.workers])
@@ -72,7 +115,28 @@ class TrainerGroup:
     def _call(self, method: str, *args, **kwargs) -> list[Any]:
         if self.local:
             return [getattr(w, method)(*args, **kwargs) for w in self.workers]
-        return get_unwrapped(self._call_refs(method, *args, **kwargs))
+        return get_all(self._call_refs(method, *args, **kwargs))
+
+    def node_ids(self) -> list[str]:
+        return self._call("node_id")
+
+    def dead_ranks(self, timeout_s: float = 10.0) -> list[int]:
+        """Ranks whose actor is dead. A call to a dead actor fails at once; a live rank that is
+        still blocked in a collective (waiting for the dead one) does not answer in time and
+        counts as alive."""
+        import ray
+
+        if self.local:
+            return []
+        dead = []
+        for rank, w in enumerate(self.workers):
+            try:
+                ray.get(w.node_id.remote(), timeout=timeout_s)
+            except ray.exceptions.RayActorError:
+                dead.append(rank)
+            except ray.exceptions.GetTimeoutError:
+                pass
+        return dead
 
     # Typed wrappers: every rank runs the method at once (they meet in collectives).
     def setup(self, job: TrainJob) -> SetupInfo:
@@ -104,8 +168,9 @@ class TrainerGroup:
         import ray
 
         try:
-            ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=10)
         except Exception:  # a dead actor cannot shut down cleanly; killing it is enough
             pass
         for w in self.workers:
             ray.kill(w)
+        ray.util.remove_placement_group(self.pg)

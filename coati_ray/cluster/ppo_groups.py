@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from coati_ray.cluster.group import TrainerGroup, get_unwrapped
+from coati_ray.cluster.group import TrainerGroup, get_all, get_unwrapped
 from coati_ray.engines.generation import WeightUpdate
 from coati_ray.experience import Experience
 from coati_ray.workers.critic import CriticWorker
@@ -26,8 +26,11 @@ def _wait_all_get_first(refs: list) -> Any:
     """Wait until every rank finished (surfacing errors), and return rank 0's ObjectRef unfetched."""
     import ray
 
-    ray.wait(refs, num_returns=len(refs), fetch_local=False)
-    get_unwrapped(refs[1:])  # None from the other ranks; raises if one failed
+    left = list(refs)
+    while left:  # any rank's failure surfaces at once (the others may be blocked in a collective)
+        done, left = ray.wait(left, num_returns=1, fetch_local=False)
+        if done[0] is not refs[0]:
+            get_unwrapped(done)  # None from the other ranks; raises if one failed
     return refs[0]
 
 
@@ -43,7 +46,7 @@ class PolicyGroup(TrainerGroup):
 
     @staticmethod
     def finish_train(futures: list) -> tuple[dict[str, float], list[list[int]], list[int]]:
-        outs: list[PolicyTrainOut] = get_unwrapped(futures)
+        outs: list[PolicyTrainOut] = get_all(futures)
         ids = [sorted(i for o in outs for i in o.sample_ids[e]) for e in range(len(outs[0].sample_ids))]
         return outs[0].metrics, ids, outs[0].versions
 

@@ -11,8 +11,10 @@ logger = logging.getLogger(__name__)
 LOCAL_MIN_CPUS = 16
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, namespace: str = "coati_ray") -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, namespace: str = "coati_ray") -> bool:
     """Join `address` (or $RAY_ADDRESS); otherwise start a local Ray on this machine.
+
+    Returns False when joining a cluster (which may grow: an autoscaler adds nodes), True otherwise.
 
     A local Ray gets at least `num_cpus` logical CPUs so that, e.g., 2 trainers of 1 CPU each fit
     on a 1-core laptop (they then share the core; correctness does not depend on it). It gets at
@@ -21,20 +23,32 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, namespace:
     """
     import ray
 
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS")
-    # The Ray dashboard's token auth (on by default since 2.5x) needs a token a local run never
-    # sets up; an embedded single-machine Ray listens on localhost only, so turn it off there.
-    if not address:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return not address
+    # Ray's token auth stays as Ray sets it: a new local Ray turns it on (and writes
+    # ~/.ray/auth_token if missing); a cluster has it on when its head was started with a token.
     runtime_env = {"env_vars": {k: os.environ[k] for k in ("COATI_RAY_CACHE", "HF_HOME", "RAY_AUTH_MODE")
                                 if k in os.environ}}
     if address:
         logger.info("joining Ray cluster at %s", address)
-        ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
+        ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
     else:
         cpus = max(os.cpu_count() or 1, num_cpus or 0, LOCAL_MIN_CPUS)
         logger.info("starting a local Ray with %d CPUs", cpus)
-        ray.init(num_cpus=cpus, namespace=namespace, runtime_env=runtime_env, include_dashboard=None,
-                 logging_level=logging.WARNING)
+        # The dashboard listens on 127.0.0.1 only (Ray's default, said here so it stays so).
+        ctx = ray.init(num_cpus=cpus, namespace=namespace, runtime_env=runtime_env, include_dashboard=None,
+                       dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    if ctx.dashboard_url:
+        logger.info("Ray dashboard: http://%s (%s)", ctx.dashboard_url, dashboard_sign_in(bool(address)))
+    return not address
+
+
+def dashboard_sign_in(joined: bool) -> str:
+    """How to get into the dashboard under Ray's token auth, in one line."""
+    if os.environ.get("RAY_AUTH_MODE") == "disabled":
+        return "token auth is off (RAY_AUTH_MODE=disabled): keep it on localhost"
+    where = "on the head node" if joined else "here"
+    return (f"it asks for the cluster's token: paste the output of `ray get-auth-token` run {where} "
+            "(the file ~/.ray/auth_token); from another machine, tunnel it: `ray dashboard cluster.yaml` "
+            "or ssh -L 8265:127.0.0.1:8265")

@@ -29,7 +29,7 @@ from coati_ray.config import (
     validate_all,
 )
 from coati_ray.defaults import demo_file
-from coati_ray.errors import DataError
+from coati_ray.errors import ConfigError, DataError
 from coati_ray.models.loading import check_family, load_config, resolve_model_path
 from coati_ray.workers.trainer import SetupInfo, TrainJob
 
@@ -57,6 +57,15 @@ def latest_checkpoint(save_path: str, marker: str = "trainer_state.json") -> str
     steps = [(int(m.group(1)), p) for p in ckpts.glob("step_*") if (m := re.fullmatch(r"step_(\d+)", p.name))
              and (p / marker).exists()]
     return str(max(steps)[1]) if steps else None
+
+
+def resume_checkpoint(resume: str, save_path: str, marker: str = "trainer_state.json") -> str | None:
+    """The checkpoint that --resume names: the latest under save_path for 'auto', else the path given."""
+    if resume == "auto":
+        return latest_checkpoint(save_path, marker)
+    if not (Path(resume) / marker).exists():
+        raise ConfigError("resume", f"{resume} is not a complete checkpoint (no {marker} in it)")
+    return resume
 
 
 def make_job(stage: str, model: ModelArgs, data: DataArgs, train: TrainArgs, rm: RMArgs | None) -> TrainJob:
@@ -99,8 +108,8 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: Mod
     result = TrainResult(ta.save_path, info)
     save = Path(ta.save_path)
     save.mkdir(parents=True, exist_ok=True)
-    if ta.resume:
-        ckpt = latest_checkpoint(ta.save_path)
+    if ta.resume != "no":
+        ckpt = resume_checkpoint(ta.resume, ta.save_path)
         if ckpt is None:
             logger.warning("--resume: no checkpoint under %s/checkpoints; starting from step 0", ta.save_path)
         else:

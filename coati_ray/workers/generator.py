@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,19 +35,59 @@ from coati_ray.workers.job import PPOJob
 logger = logging.getLogger(__name__)
 
 
-def shard_size(n_prompts: int, index: int, num_generators: int) -> int:
-    return len(range(index, n_prompts, num_generators))
-
-
-def prompts_per_step(experience_batch_size: int, index: int, num_generators: int) -> int:
-    """This generator's share of a step's prompts (the first ones take the remainder)."""
-    q, r = divmod(experience_batch_size, num_generators)
+def prompts_per_step(experience_batch_size: int, index: int, num_chunks: int) -> int:
+    """Prompts in chunk `index` of a step split `num_chunks` ways (the first chunks take the remainder)."""
+    q, r = divmod(experience_batch_size, num_chunks)
     return q + (index < r)
 
 
-def steps_per_episode(n_prompts: int, experience_batch_size: int, num_generators: int) -> int:
-    return min(shard_size(n_prompts, i, num_generators) // max(1, prompts_per_step(experience_batch_size, i, num_generators))
-               for i in range(num_generators) if prompts_per_step(experience_batch_size, i, num_generators))
+def steps_per_episode(n_prompts: int, experience_batch_size: int) -> int:
+    return n_prompts // experience_batch_size
+
+
+def step_prompts(step: int, n_prompts: int, experience_batch_size: int, seed: int) -> list[int]:
+    """The prompt rows of PPO step `step`: a seeded shuffle per episode, cut into steps.
+
+    A function of (seed, step) alone: which generator samples them, and how many generators
+    there are, does not change what a step trains on (so generators can come and go, and a
+    resumed run samples what the original did).
+    """
+    spe = steps_per_episode(n_prompts, experience_batch_size)
+    episode, k = divmod(step, spe)
+    order = list(range(n_prompts))
+    random.Random(seed * 7919 + episode * 104729).shuffle(order)
+    return order[k * experience_batch_size:(k + 1) * experience_batch_size]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One rollout request: a slice of a step's prompts. Sample ids follow from the slice's place in
+    the step, not from the generator that makes it, so a chunk issued again makes the same ids."""
+
+    step: int
+    index: int  # chunk index within the step (also seeds the sampling)
+    rows: tuple[int, ...]  # prompt rows
+    first_slot: int  # step * experience_batch_size + the prompts of the chunks before this one
+    n_samples: int  # responses per prompt
+
+    @property
+    def size(self) -> int:
+        return len(self.rows) * self.n_samples
+
+    def sample_ids(self) -> list[int]:
+        n = self.n_samples
+        return [(self.first_slot + j // n) * n + j % n for j in range(self.size)]
+
+
+def make_chunks(step: int, rows: list[int], num_chunks: int, n_samples: int) -> list[Chunk]:
+    """Split step `step`'s prompt rows into `num_chunks` chunks (fewer when there are fewer prompts)."""
+    num_chunks = max(1, min(num_chunks, len(rows)))
+    out, at = [], 0
+    for c in range(num_chunks):
+        k = prompts_per_step(len(rows), c, num_chunks)
+        out.append(Chunk(step, c, tuple(rows[at:at + k]), step * len(rows) + at, n_samples))
+        at += k
+    return out
 
 
 class GeneratorWorker:
@@ -65,11 +105,10 @@ class GeneratorWorker:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = load_tokenizer(job.policy_path)
         rows = load_rows(job.prompt_file, prompt_columns(job.data.keys()), job.data.skip_bad_rows).dataset
-        self.shard = list(range(index, len(rows), job.num_generators))  # disjoint: row i goes to i % N
-        max_prompt = max(8, job.data.max_len - job.ppo.max_new_tokens)
-        self.prompt_ids = {i: self.tokenizer(render_prompt(self.tokenizer, rows[i]["prompt"]),
-                                             add_special_tokens=False)["input_ids"][-max_prompt:] for i in self.shard}
-        self.per_step = prompts_per_step(job.ppo.experience_batch_size, index, job.num_generators)
+        self.prompts = rows["prompt"]  # tokenized on first use: any generator can be sent any row
+        self.render_prompt = render_prompt
+        self.max_prompt = max(8, job.data.max_len - job.ppo.max_new_tokens)
+        self.prompt_ids: dict[int, list[int]] = {}
         self.backend = make_backend(job.ppo.generator_backend, job.policy_path, job.model.model, job.model.dtype,
                                     job.lora, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.device,
                                     job.ppo.seed, max_model_len=job.data.max_len,
@@ -100,6 +139,11 @@ class GeneratorWorker:
         self.version = version
         return time.perf_counter() - t0
 
+    def node_id(self) -> str:
+        from coati_ray.cluster.placement import current_node_id
+
+        return current_node_id()
+
     def weight_version(self) -> int:
         return self.version
 
@@ -118,14 +162,15 @@ class GeneratorWorker:
         return self.version, self.log_probs(e.sequences, e.attention_mask, e.num_actions) * e.action_mask
 
     # --- rollouts -----------------------------------------------------------------------------------
-    def step_prompts(self, step: int, steps_per_epi: int) -> list[int]:
-        episode, k = divmod(step, steps_per_epi)
-        order = list(self.shard)
-        random.Random(self.job.ppo.seed * 7919 + episode * 104729 + self.index).shuffle(order)
-        return order[k * self.per_step:(k + 1) * self.per_step]
+    def tokens_of(self, row: int) -> list[int]:
+        ids = self.prompt_ids.get(row)
+        if ids is None:
+            text = self.render_prompt(self.tokenizer, self.prompts[row])
+            ids = self.prompt_ids[row] = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt:]
+        return ids
 
-    def rollout(self, step: int, min_version: int, weights: list, kl_coef: float, steps_per_epi: int):
-        """Make this generator's share of step `step`: returns (Experience, ChunkMeta)."""
+    def rollout(self, chunk: Chunk, min_version: int, weights: list, kl_coef: float):
+        """Make the experience of `chunk`: returns (Experience, ChunkMeta)."""
         import ray
 
         from coati_ray.workers.buffer import ChunkMeta
@@ -134,20 +179,18 @@ class GeneratorWorker:
         if self.version < min_version:  # 0. never generate with weights older than asked for
             update: WeightUpdate = ray.get(weights[0])
             if update.version < min_version:
-                raise RuntimeError(f"generator-{self.index}: step {step} needs weights v{min_version}, got v{update.version}")
+                raise RuntimeError(f"generator-{self.index}: step {chunk.step} needs weights v{min_version}, "
+                                   f"got v{update.version}")
             t_load = self.load_weights(update)
-        ppo, n = self.job.ppo, self.job.ppo.n_samples_per_prompt
-        prompts = self.step_prompts(step, steps_per_epi)
-        # 1-2. sample; seeded by (seed, step, generator) so a resumed run samples what the original did
+        ppo, n = self.job.ppo, chunk.n_samples
+        # 1-2. sample; seeded by (seed, step, chunk) so a resumed run, or a chunk issued again, samples alike
         t0 = time.perf_counter()
         params = SamplingParams(ppo.temperature, ppo.top_p, ppo.top_k, ppo.max_new_tokens,
-                                seed=ppo.seed * 1_000_003 + step * 1009 + self.index)
-        ids = [self.prompt_ids[i] for i in prompts for _ in range(n)]
+                                seed=ppo.seed * 1_000_003 + chunk.step * 1009 + chunk.index)
+        ids = [self.tokens_of(i) for i in chunk.rows for _ in range(n)]
         out = self.backend.generate(ids, params)
-        slot0 = step * ppo.experience_batch_size + sum(
-            prompts_per_step(ppo.experience_batch_size, g, self.job.num_generators) for g in range(self.index))
-        sample_ids = [(slot0 + j // n) * n + j % n for j in range(len(ids))]  # unique over steps and generators
-        exp = self._to_experience(ids, out, sample_ids, [i for i in prompts for _ in range(n)])
+        sample_ids = chunk.sample_ids()
+        exp = self._to_experience(ids, out, sample_ids, [i for i in chunk.rows for _ in range(n)])
         t1 = time.perf_counter()
         # 3. reference and reward read the rollout from the object store (not via the driver)
         rollout_ref = ray.put(exp)
@@ -169,7 +212,7 @@ class GeneratorWorker:
                  "kl_sum": float(k1.sum()), "length_sum": float(lengths.sum()),
                  "finished": float(sum(g.finished for g in out)), "tokens": float(lengths.sum()),
                  "generate_s": t1 - t0, "score_s": t2 - t1, "load_s": t_load}
-        return exp, ChunkMeta(step, self.version, sample_ids, self.index, stats)
+        return exp, ChunkMeta(chunk.step, self.version, sample_ids, self.index, stats)
 
     def rollouts_done(self) -> int:
         return self.rollouts

@@ -17,7 +17,6 @@ class PPOJob:
     model: ModelArgs  # family, dtype, LoRA
     data: DataArgs  # max_len and column names
     ppo: PPOArgs
-    num_generators: int
     is_preset: bool = True
     stage: str = "ppo"
 

@@ -27,3 +27,8 @@ class ReferenceWorker:
         out = [action_log_probs(self.model, e.sequences.to(self.device), e.attention_mask.to(self.device),
                                 e.num_actions, temperature).cpu() for e in exp.split(micro_batch)]
         return torch.cat(out)
+
+    def node_id(self) -> str:
+        from coati_ray.cluster.placement import current_node_id
+
+        return current_node_id()

@@ -26,3 +26,8 @@ class RewardWorker:
         out = [sequence_reward(self.model, e.sequences.to(self.device), e.attention_mask.to(self.device)).cpu()
                for e in exp.split(micro_batch)]
         return torch.cat(out)
+
+    def node_id(self) -> str:
+        from coati_ray.cluster.placement import current_node_id
+
+        return current_node_id()

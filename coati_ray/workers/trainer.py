@@ -87,6 +87,11 @@ class TrainerWorker:
         self.step = 0
 
     # --- process group ------------------------------------------------------------------------
+    def node_id(self) -> str:
+        from coati_ray.cluster.placement import current_node_id
+
+        return current_node_id()
+
     def master_address(self) -> tuple[str, int]:
         """Called on rank 0: an address and free port for the rendezvous."""
         import ray

@@ -22,7 +22,7 @@ TOL = 1e-5  # max |log-prob difference| allowed between generator and trainer (f
 
 def make_job(micro_model, demo_dir, lora_rank=0):
     return PPOJob(micro_model, micro_model, None, str(demo_dir / "prompts_train.jsonl"), None,
-                  ModelArgs(pretrain=micro_model, lora_rank=lora_rank), DataArgs(), PPOArgs(), num_generators=1)
+                  ModelArgs(pretrain=micro_model, lora_rank=lora_rank), DataArgs(), PPOArgs())
 
 
 def rollout(backend, tokenizer) -> Experience:
