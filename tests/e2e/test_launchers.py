@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+def run(script: str, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, str(ROOT / "launchers" / script), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
 
@@ -97,10 +97,16 @@ def test_ppo_launcher_bad_prompt_row_names_file_and_line_before_ray_starts(micro
 
 
 def test_ppo_launcher_runs_on_a_positional_prompts_csv(micro_model, demo_dir, tmp_path):
+    # With Ray's token auth as a user has it (on): the embedded Ray writes ~/.ray/auth_token (here
+    # under a private HOME) and the launcher says where the dashboard is and how to sign in.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env.update(HOME=str(tmp_path / "home"), TOKENIZERS_PARALLELISM="false")
     p = run("ppo_cluster.py", str(demo_dir / "prompts_train.csv"), "--pretrain", micro_model, "--rm_path",
             micro_model, "--actors", "2", "--max_steps", "2", "--experience_batch_size", "8", "--train_batch_size",
-            "8", "--max_new_tokens", "8", "--save_path", str(tmp_path / "ppo"), timeout=600)
+            "8", "--max_new_tokens", "8", "--save_path", str(tmp_path / "ppo"), timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "Ray dashboard: http://127.0.0.1:" in p.stderr and "ray get-auth-token" in p.stderr
+    assert (tmp_path / "home" / ".ray" / "auth_token").exists()
     assert "PPO done: 2 steps" in p.stdout
     assert "step 2/2 | reward" in p.stdout + p.stderr  # one metrics line per step
     assert (tmp_path / "ppo" / "model.safetensors").exists()

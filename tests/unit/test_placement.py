@@ -1,0 +1,51 @@
+"""Which resources each role asks for (--placement), and how a step is cut into chunks."""
+
+from __future__ import annotations
+
+import pytest
+
+from coati_ray.cluster.placement import HEAD_RESOURCE, MARKER_AMOUNT, ROLE_NODE, role_resources
+from coati_ray.config import RoleArgs
+from coati_ray.workers.generator import make_chunks, step_prompts, steps_per_episode
+
+
+def test_auto_placement_leaves_a_cluster_without_markers_alone():
+    assert role_resources(RoleArgs(), {"CPU": 16.0}) == {}
+
+
+@pytest.mark.parametrize("available", [{"CPU": 8.0, "rollout": 2.0}, {"CPU": 8.0, "trainer": 1.0}])
+def test_auto_placement_uses_node_types_once_any_marker_is_there(available):
+    res = role_resources(RoleArgs(), available)
+    for role, marker in ROLE_NODE.items():
+        assert res[role] == {marker: MARKER_AMOUNT}
+    assert res["buffer"] == res["control"] == {HEAD_RESOURCE: MARKER_AMOUNT}
+
+
+def test_placement_flags_rename_force_or_switch_off_the_markers():
+    roles = RoleArgs(placement="nodes", rollout_resource="gpu_small", trainer_resource="gpu_big",
+                     custom_resources='{"generator": {"a100": 1}}')
+    res = role_resources(roles, {"CPU": 4.0})  # 'nodes' asks even before such a node joins
+    assert res["generator"] == {"a100": 1, "gpu_small": MARKER_AMOUNT}
+    assert res["critic"] == {"gpu_big": MARKER_AMOUNT}
+    off = role_resources(RoleArgs(placement="none", custom_resources='{"reward": {"x": 1}}'),
+                         {"rollout": 1.0, "trainer": 1.0})
+    assert off == {"reward": {"x": 1}}
+
+
+@pytest.mark.parametrize("num_chunks", [1, 2, 3, 5, 8])
+def test_a_step_has_the_same_sample_ids_however_it_is_cut(num_chunks):
+    rows = step_prompts(3, n_prompts=50, experience_batch_size=5, seed=7)
+    chunks = make_chunks(3, rows, num_chunks, n_samples=2)
+    assert len(chunks) == min(num_chunks, 5)
+    assert [r for c in chunks for r in c.rows] == rows
+    assert [i for c in chunks for i in c.sample_ids()] == list(range(30, 40))  # step 3: ids 3*10 .. 3*10+9
+
+
+def test_an_episode_visits_every_prompt_once_in_a_seeded_order():
+    n, b = 23, 4
+    spe = steps_per_episode(n, b)
+    episode = [r for s in range(spe) for r in step_prompts(s, n, b, seed=1)]
+    assert spe == 5 and len(set(episode)) == len(episode) == 20 and set(episode) <= set(range(n))
+    assert step_prompts(spe, n, b, seed=1) != step_prompts(0, n, b, seed=1)  # reshuffled next episode
+    assert step_prompts(2, n, b, seed=1) == step_prompts(2, n, b, seed=1)
+    assert step_prompts(2, n, b, seed=1) != step_prompts(2, n, b, seed=2)
