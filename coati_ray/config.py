@@ -142,6 +142,9 @@ class ClusterArgs:
         "CPUs reserved per trainer actor (also its torch thread count); default: this machine's cores "
         "shared among the trainers for an embedded Ray, 1 on a joined cluster.", default=None)
     gpus_per_trainer: float = _help("GPUs per trainer actor (0 on CPU).", default=0.0)
+    dashboard_host: str = _help("Address the embedded Ray's dashboard listens on. Keep 127.0.0.1 (tunnel it with "
+                                "ssh -L 8265:127.0.0.1:8265); 0.0.0.0 exposes it, behind Ray's token auth only.",
+                                default="127.0.0.1")
 
     def validate(self) -> None:
         if self.trainers < 1:

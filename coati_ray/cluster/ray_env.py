@@ -11,7 +11,8 @@ logger = logging.getLogger(__name__)
 LOCAL_MIN_CPUS = 16
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, namespace: str = "coati_ray") -> bool:
+def init_ray(address: str | None = None, num_cpus: int | None = None, namespace: str = "coati_ray",
+             dashboard_host: str = "127.0.0.1") -> bool:
     """Join `address` (or $RAY_ADDRESS); otherwise start a local Ray on this machine.
 
     Returns False when joining a cluster (which may grow: an autoscaler adds nodes), True otherwise.
@@ -36,9 +37,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, namespace:
     else:
         cpus = max(os.cpu_count() or 1, num_cpus or 0, LOCAL_MIN_CPUS)
         logger.info("starting a local Ray with %d CPUs", cpus)
-        # The dashboard listens on 127.0.0.1 only (Ray's default, said here so it stays so).
+        # The dashboard listens on 127.0.0.1 unless --dashboard_host says otherwise.
+        if dashboard_host != "127.0.0.1":
+            logger.warning("the Ray dashboard listens on %s: anyone who can reach it and has the token can run "
+                           "code on this machine", dashboard_host)
         ctx = ray.init(num_cpus=cpus, namespace=namespace, runtime_env=runtime_env, include_dashboard=None,
-                       dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+                       dashboard_host=dashboard_host, logging_level=logging.WARNING)
     if ctx.dashboard_url:
         logger.info("Ray dashboard: http://%s (%s)", ctx.dashboard_url, dashboard_sign_in(bool(address)))
     return not address

@@ -196,7 +196,7 @@ def run_ppo(model: ModelArgs, data: DataArgs, ppo: PPOArgs, roles: RoleArgs, clu
     cpus = (roles.actors * roles.generator_cpus + roles.ref_workers * roles.reference_cpus
             + roles.reward_workers * roles.reward_cpus + roles.critic_trainers * roles.critic_cpus
             + cluster.trainers * (cluster.cpus_per_trainer or 1.0))
-    embedded = init_ray(cluster.address, num_cpus=int(cpus + 0.999))
+    embedded = init_ray(cluster.address, num_cpus=int(cpus + 0.999), dashboard_host=cluster.dashboard_host)
     import ray
 
     total_cpus = ray.cluster_resources().get("CPU", 0)

@@ -89,7 +89,7 @@ def run_training(stage: str, model: ModelArgs, data: DataArgs, train: TrainArgs,
     job = make_job(stage, model, data, train, rm)
     cpus = cluster.trainer_cpus()
     if not local:
-        init_ray(cluster.address, num_cpus=int(cluster.trainers * cpus))
+        init_ray(cluster.address, num_cpus=int(cluster.trainers * cpus), dashboard_host=cluster.dashboard_host)
     group = TrainerGroup(cluster.trainers, cpus, cluster.gpus_per_trainer, local=local)
     try:
         return _loop(stage, group, job, train, model, progress)
