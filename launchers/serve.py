@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Serve a model with an OpenAI-compatible API and a chat page.
+
+    python launchers/serve.py                                  # the tiny preset (or outputs/demo/ppo if made)
+    python launchers/serve.py outputs/demo/ppo --port 8000     # then open http://127.0.0.1:8000/
+    python launchers/serve.py out/ppo --quant 4bit --gptq_checkpoint out/ppo-gptq4   # scripts/quantize.py made it
+    python launchers/serve.py out/ppo --api_key "$KEY" --host 0.0.0.0                 # reachable, with a key
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    client.chat.completions.create(model="ppo", messages=[{"role": "user", "content": "2 + 3 = ?"}])
+
+Listens on 127.0.0.1 unless --host says otherwise; --api_key (or $COATI_API_KEY) makes /v1/* need it.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from coati_ray.cli import run_main, setup_logging
+from coati_ray.errors import ConfigError, MissingExtraError
+
+logger = logging.getLogger("coati_ray.serve")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description="OpenAI-compatible chat server for a coati_ray model.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF model directory (default: outputs/demo/ppo if the demo ran, else the tiny preset).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1: this machine only).")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api_key", default=os.environ.get("COATI_API_KEY"),
+                   help="Require 'Authorization: Bearer KEY' on /v1/* (default: $COATI_API_KEY; none).")
+    p.add_argument("--served_model_name", default=None, help="Model name in the API (default: the directory name).")
+    p.add_argument("--backend", default="hf", choices=["hf"], help="Generation backend (hf: transformers).")
+    p.add_argument("--quant", default="none", choices=["none", "4bit", "8bit"],
+                   help="Serve a GPTQ-quantized checkpoint (made with scripts/quantize.py).")
+    p.add_argument("--gptq_checkpoint", default=None, help="The GPTQ checkpoint directory (with --quant).")
+    p.add_argument("--gptq_group_size", type=int, default=128, help="Group size the checkpoint was made with (checked).")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="Weights of an unquantized model.")
+    p.add_argument("--max_batch_size", type=int, default=32, help="Requests generated together at most.")
+    p.add_argument("--context_len", type=int, default=None, help="Prompt + answer tokens (default: the model's).")
+    return p.parse_args(argv)
+
+
+def check_gptq_checkpoint(path: str, bits: int, group_size: int) -> None:
+    """The checkpoint is GPTQ with the bits and group size the flags say (before loading anything)."""
+    import json
+
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        raise ConfigError("gptq_checkpoint", f"{path}: no config.json (make one with scripts/quantize.py)")
+    q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    if q.get("quant_method") != "gptq":
+        raise ConfigError("gptq_checkpoint", f"{cfg}: quantization_config.quant_method is {q.get('quant_method')!r}, "
+                          "expected 'gptq'")
+    if q.get("bits") != bits:
+        raise ConfigError("quant", f"{path} holds {q.get('bits')}-bit weights, not {bits}-bit")
+    if q.get("group_size") != group_size:
+        raise ConfigError("gptq_group_size", f"{path} was quantized with group size {q.get('group_size')}, "
+                          f"not {group_size}")
+
+
+def load(args):
+    """(model, tokenizer, model name, context length) for the flags."""
+    from coati_ray.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+
+    path = args.model
+    if path is None:
+        demo = Path("outputs/demo/ppo")
+        path = str(demo) if (demo / "config.json").exists() else resolve_model_path(None)
+    if not Path(path).exists():
+        raise ConfigError("model", f"{path}: no such model directory")
+    if args.quant != "none":
+        if not args.gptq_checkpoint:
+            raise ConfigError("gptq_checkpoint", f"--quant {args.quant} needs the checkpoint made by scripts/quantize.py")
+        check_gptq_checkpoint(args.gptq_checkpoint, int(args.quant[0]), args.gptq_group_size)
+        from coati_ray.serve.quantize import load_quantized
+
+        model, tok = load_quantized(args.gptq_checkpoint)
+    else:
+        model, tok = load_causal_lm(path, dtype=args.dtype), load_tokenizer(path)
+    ctx = args.context_len or getattr(model.config, "max_position_embeddings", 2048)
+    return model, tok, args.served_model_name or Path(path).name, ctx
+
+
+def main(argv=None):
+    setup_logging()
+    args = parse(argv)
+    if args.max_batch_size < 1:
+        raise ConfigError("max_batch_size", f"must be >= 1, got {args.max_batch_size}")
+    try:
+        import uvicorn
+    except ImportError:
+        raise MissingExtraError("uvicorn", "serve", "the chat server") from None
+    from coati_ray.serve.api import create_app
+    from coati_ray.serve.engine import BatchingEngine
+
+    model, tok, name, ctx = load(args)
+    engine = BatchingEngine(model, tok, max_batch_size=args.max_batch_size)
+    app = create_app(engine, name, ctx, api_key=args.api_key)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logger.warning("listening on %s with no --api_key: anyone who can reach this port can use the model",
+                       args.host)
+    logger.info("serving %s (context %d tokens) on http://%s:%d/ (chat page), /v1 (OpenAI API)%s", name, ctx,
+                args.host, args.port, ", API key required" if args.api_key else "")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))
