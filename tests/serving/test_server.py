@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,40 +12,17 @@ import openai
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(micro_model, tmp_path_factory):
     """The launcher on the micro model, with an API key, on 127.0.0.1 (its default host)."""
-    port = free_port()
+    from coati_ray.serve.process import ServerProcess
+
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "launchers" / "serve.py"), micro_model, "--port", str(port),
-                                 "--api_key", KEY, "--served_model_name", "micro"], stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield {"base": base, "proc": proc, "log": log}
-    proc.terminate()
-    proc.wait(timeout=30)
+    with ServerProcess(micro_model, "--api_key", KEY, "--served_model_name", "micro", log=log) as proc:
+        yield {"base": proc.base, "log": log}
 
 
 @pytest.fixture(scope="module")
