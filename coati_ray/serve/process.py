@@ -30,8 +30,10 @@ class ServerProcess:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log or Path(os.devnull)
         with open(self.log, "w") as out:
+            # its own process group: stop() ends the engine's child processes too (vLLM's engine core)
             self.proc = subprocess.Popen([python, str(LAUNCHER), model, "--port", str(self.port), *flags], stdout=out,
-                                         stderr=subprocess.STDOUT, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                                         stderr=subprocess.STDOUT, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -46,12 +48,22 @@ class ServerProcess:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                continue
+            try:  # the launcher is gone; its children get the same signal before we leave
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
 
     def __enter__(self) -> ServerProcess:
         return self
