@@ -39,14 +39,15 @@ def parse(argv):
     p.add_argument("--quant", default="none", choices=["none", "4bit", "8bit"],
                    help="Serve a GPTQ-quantized checkpoint (made with scripts/quantize.py).")
     p.add_argument("--gptq_checkpoint", default=None, help="The GPTQ checkpoint directory (with --quant).")
-    p.add_argument("--gptq_group_size", type=int, default=128, help="Group size the checkpoint was made with (checked).")
+    p.add_argument("--gptq_group_size", type=int, default=None,
+                   help="Group size the checkpoint was made with, checked against it (default: take the checkpoint's).")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="Weights of an unquantized model.")
     p.add_argument("--max_batch_size", type=int, default=32, help="Requests generated together at most.")
     p.add_argument("--context_len", type=int, default=None, help="Prompt + answer tokens (default: the model's).")
     return p.parse_args(argv)
 
 
-def check_gptq_checkpoint(path: str, bits: int, group_size: int) -> None:
+def check_gptq_checkpoint(path: str, bits: int, group_size: int | None) -> None:
     """The checkpoint is GPTQ with the bits and group size the flags say (before loading anything)."""
     import json
 
@@ -59,7 +60,7 @@ def check_gptq_checkpoint(path: str, bits: int, group_size: int) -> None:
                           "expected 'gptq'")
     if q.get("bits") != bits:
         raise ConfigError("quant", f"{path} holds {q.get('bits')}-bit weights, not {bits}-bit")
-    if q.get("group_size") != group_size:
+    if group_size is not None and q.get("group_size") != group_size:
         raise ConfigError("gptq_group_size", f"{path} was quantized with group size {q.get('group_size')}, "
                           f"not {group_size}")
 
