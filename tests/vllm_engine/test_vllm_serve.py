@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+pytest.importorskip("vllm")  # the vllm environment only (scripts/test_engines.sh vllm)
+
 
 @pytest.fixture(scope="module")
 def client(micro_model, tmp_path_factory):
