@@ -15,6 +15,7 @@ The driver never sees the chunk.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -54,9 +55,14 @@ def step_prompts(step: int, n_prompts: int, experience_batch_size: int, seed: in
     """
     spe = steps_per_episode(n_prompts, experience_batch_size)
     episode, k = divmod(step, spe)
+    return list(_episode_order(n_prompts, seed, episode)[k * experience_batch_size:(k + 1) * experience_batch_size])
+
+
+@functools.lru_cache(maxsize=2)  # the current episode (and the next, at a boundary): one shuffle each
+def _episode_order(n_prompts: int, seed: int, episode: int) -> tuple[int, ...]:
     order = list(range(n_prompts))
     random.Random(seed * 7919 + episode * 104729).shuffle(order)
-    return order[k * experience_batch_size:(k + 1) * experience_batch_size]
+    return tuple(order)
 
 
 @dataclass(frozen=True)
