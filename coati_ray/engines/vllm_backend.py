@@ -89,11 +89,11 @@ def engine_compat(version: str, engine_fields: set[str], use_v1: str | None, wei
     if modern:
         kwargs["logprobs_mode"] = "processed_logprobs"
     elif use_v1 == "1":
-        raise ConfigError("generator_backend", f"vllm: with VLLM_USE_V1=1, vLLM {version}'s V1 engine returns the log-probs of sampled tokens "
-                          "from the raw logits (before temperature, top-k and top-p) and has no logprobs_mode "
-                          "to change that, so every PPO ratio would be wrong. Unset VLLM_USE_V1 (this "
-                          "version's V0 engine returns the processed log-probs) or install a vLLM that has "
-                          "logprobs_mode (the vllm extra)")
+        raise ConfigError("generator_backend", f"vllm: with VLLM_USE_V1=1, vLLM {version}'s V1 engine returns "
+                          "the log-probs of sampled tokens from the raw logits (before temperature, top-k and "
+                          "top-p) and has no logprobs_mode to change that, so every PPO ratio would be wrong. "
+                          "Unset VLLM_USE_V1 (this version's V0 engine returns the processed log-probs) or "
+                          "install a vLLM that has logprobs_mode (the vllm extra)")
     else:
         env["VLLM_USE_V1"] = "0"  # V0's sampler returns the log-probs of the distribution it sampled
     extension = "worker_extension_cls" in engine_fields

@@ -172,9 +172,9 @@ def test_scores_do_not_depend_on_what_the_prefix_cache_holds(engine, tokenizer):
     """Sequences scored on an empty cache, then again once their first KV block is cached (in both
     orders): equal log-probs.
 
-    Each sequence's first block (16 tokens on GPU, 128 on CPU) ends inside its response, so a
-    scoring request that read the cache would get no fresh logits there: stale or missing
-    log-probs for response tokens (vLLM #42019, #3251).
+    Token 128 of each sequence lies in its response, so a full KV block (16 tokens on GPU, 128 on
+    CPU) ends inside the response: a scoring request that read the cache would get no fresh
+    logits there, and stale or missing log-probs for response tokens (vLLM #42019, #3251).
     """
     prompt = [3 + (7 * i) % 290 for i in range(120)]
     responses = [[50 + i for i in range(12)], [60 + i for i in range(12)], [50, 51, 52, 53] + [80] * 8]
