@@ -123,20 +123,20 @@ class TrainerGroup:
     def dead_ranks(self, timeout_s: float = 10.0) -> list[int]:
         """Ranks whose actor is dead. A call to a dead actor fails at once; a live rank that is
         still blocked in a collective (waiting for the dead one) does not answer in time and
-        counts as alive."""
+        counts as alive. Every rank is asked at once: at most `timeout_s` in all."""
         import ray
 
         if self.local:
             return []
+        pings = {w.node_id.remote(): rank for rank, w in enumerate(self.workers)}
+        answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
         dead = []
-        for rank, w in enumerate(self.workers):
+        for ref in answered:
             try:
-                ray.get(w.node_id.remote(), timeout=timeout_s)
+                ray.get(ref)
             except ray.exceptions.RayActorError:
-                dead.append(rank)
-            except ray.exceptions.GetTimeoutError:
-                pass
-        return dead
+                dead.append(pings[ref])
+        return sorted(dead)
 
     # Typed wrappers: every rank runs the method at once (they meet in collectives).
     def setup(self, job: TrainJob) -> SetupInfo:

@@ -276,6 +276,21 @@ def _scale_generators(actors: Roles, target: int | None, nccl: bool) -> None:
         logger.info("scaling: retired generators %s (%d requested)", gone, target)
 
 
+def _drop_lost_generators(actors: Roles, nccl: bool) -> None:
+    """Forget the generators the buffer gave up on (restarts used up, or never started), so the
+    weight sync, the sync check and the reported count use live ones only."""
+    import ray
+
+    for i in get_unwrapped(actors.buffer.lost_generators.remote()):
+        handle = actors.generators.pop(i, None)
+        if nccl:  # the NCCL group was built with every engine in it: a broadcast would wait forever
+            raise RuntimeError(f"generator-{i} died and --vllm_weight_sync nccl cannot go on without it "
+                               "(the NCCL group is fixed at start-up); continue with --resume auto")
+        if handle is not None:
+            ray.kill(handle)  # frees what it still holds if it hangs rather than died
+        logger.warning("generator-%d is gone for good; %d generators left", i, len(actors.generators))
+
+
 def _stop_if_trainer_died(actors: Roles, save: Path, step: int, error: BaseException) -> None:
     """Raise RunStopped when `error` came from a dead trainer or critic rank: the run cannot go on
     (its optimizer state died with it); the latest checkpoint is where --resume auto continues."""
@@ -346,6 +361,7 @@ def _loop(job: PPOJob, actors: Roles, n_prompts: int, progress: bool) -> PPOResu
                 logger.warning("stop requested (launchers/control.py --stop) at step %d of %d", step, total)
                 break
             _scale_generators(actors, target, nccl)
+            _drop_lost_generators(actors, nccl)
             # 1. ask for every data step the staleness bound allows; the buffer dispatches the
             #    rollouts as room frees up, and generators older than `version` load `weights` first
             while next_d < total and next_d <= version + k:

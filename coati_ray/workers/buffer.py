@@ -113,6 +113,7 @@ class ReplayBuffer:
         self.error: BaseException | None = None
         self.totals = {"accepted": 0, "taken": 0, "dropped_stale": 0, "reissued": 0, "generator_restarts": 0,
                        "generators_added": 0, "generators_retired": 0}
+        self.lost: list[int] = []  # generators gone for good, not yet reported to the driver
         # generator-seconds: busy, idle with nothing allowed to run (waiting on weights), idle on a full buffer
         self.time = {"busy": 0.0, "wait_weights": 0.0, "wait_buffer": 0.0}
         self.last_account = time.perf_counter()
@@ -215,6 +216,8 @@ class ReplayBuffer:
                 self.totals["generator_restarts"] += 1
             else:
                 self.pool.pop(gi, None)
+                if not alive and not retiring:  # (a retiring one is reported by retire_generators)
+                    self.lost.append(gi)
             if not self.pool and self.queue:
                 self._fail(RuntimeError("every generator died; no rollout can run"))
             self.cond.notify_all()
@@ -309,12 +312,20 @@ class ReplayBuffer:
             ray.get(handle.weight_version.remote())
         except BaseException as e:
             logger.warning("buffer: new generator-%d failed to start: %s", i, e)
+            with self.cond:
+                self.lost.append(i)
             return
         with self.cond:
             self._account()
             self.pool[i] = _Gen(handle)
             self.totals["generators_added"] += 1
             self.cond.notify_all()
+
+    def lost_generators(self) -> list[int]:
+        """Generators that died for good (restarts used up) or never started, since the last call."""
+        with self.cond:
+            lost, self.lost = self.lost, []
+            return lost
 
     def retire_generators(self, indices: list[int]) -> list[int]:
         """Take generators out of the pool; each finishes its chunk in flight first. Returns the

@@ -169,3 +169,5 @@ def test_a_failed_rollout_surfaces_in_take(ray_cluster, micro_model, demo_dir, s
     buf.produce.remote(0, 0, [None], 0.0)
     with pytest.raises(ray.exceptions.RayError):
         ray.get(buf.take.remote(0, 8))  # not a hang: the generator's death reaches the trainer side
+    assert ray.get(buf.lost_generators.remote()) == [0]  # the driver forgets it (and is told once)
+    assert ray.get(buf.lost_generators.remote()) == []
