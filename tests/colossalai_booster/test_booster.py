@@ -12,18 +12,26 @@ not installed. (This directory is not called `colossalai`: without colossalai in
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import max_diff, weights
 
 pytest.importorskip("colossalai.booster")
 
-from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, PPOArgs, RMArgs, RoleArgs, TrainArgs
+from coati_ray.config import (
+    ClusterArgs,
+    DataArgs,
+    ModelArgs,
+    PPOArgs,
+    RoleArgs,
+    TrainArgs,
+)
 from coati_ray.errors import ConfigError
-from coati_ray.pipelines.supervised import run_training
 
 BOOSTERS = ["colossalai_ddp", "colossalai_hybrid"]
 # Same data, seed and global batch: the booster strategies compute the same update as ddp up to
@@ -35,22 +43,8 @@ LOSS_RTOL = 1e-5
 EXACT = 1e-5 if torch.cuda.is_available() else 1e-6
 
 
-def train(tmp_path, name, strategy, trainers=1, batch_size=4, accumulation=2, max_steps=6, local=False,
-          model=None, stage="sft", **train_kw):
-    ta = TrainArgs(strategy=strategy, batch_size=batch_size, accumulation_steps=accumulation, max_steps=max_steps,
-                   save_path=str(tmp_path / name), log_interval=1000, warmup_ratio=0.0, **train_kw)
-    return run_training(stage, model or ModelArgs(preset_size="micro"), DataArgs(max_samples=400), ta,
-                        ClusterArgs(trainers=trainers), RMArgs() if stage == "rm" else None, local=local,
-                        progress=False)
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return load_file(f"{path}/model.safetensors")
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+def train(tmp_path, name, strategy, accumulation=2, **kw):
+    return helpers.train(tmp_path, name, strategy=strategy, accumulation=accumulation, **kw)
 
 
 def losses(run) -> list[float]:
@@ -79,6 +73,21 @@ def local_group(tmp_path, strategy, **model_kw):
         group.shutdown()
         raise
     return group
+
+
+@contextlib.contextmanager
+def after_two_steps(tmp_path, strategy, **model_kw):
+    """A local trainer after two SFT steps: (group, worker, its full state dict, its optimizer's,
+    the untrained model's state dict); shut down on exit."""
+    group = local_group(tmp_path, strategy, **model_kw)
+    worker = group.workers[0]
+    try:
+        for _ in range(2):
+            group.train_step()
+        sd, optim_sd = worker.strategy.state_dicts(worker.model, worker.optimizer)
+        yield group, worker, sd, optim_sd, worker.build_model().state_dict()
+    finally:
+        group.shutdown()
 
 
 # --- CPU: the booster path against ddp --------------------------------------------------------------
@@ -117,13 +126,7 @@ def test_resumed_run_continues_exactly(tmp_path, strategy):
 def test_full_state_dict_has_hf_names_and_the_trained_weights(tmp_path, strategy):
     from transformers import AutoModelForCausalLM
 
-    group = local_group(tmp_path, strategy)
-    worker = group.workers[0]
-    try:
-        for _ in range(2):
-            group.train_step()
-        sd, optim_sd = worker.strategy.state_dicts(worker.model, worker.optimizer)
-        fresh = worker.build_model().state_dict()
+    with after_two_steps(tmp_path, strategy) as (group, worker, sd, optim_sd, fresh):
         assert sd.keys() == fresh.keys()  # HF names, no wrapper prefixes
         trained = dict(worker.strategy.unwrap(worker.model).named_parameters())
         for name, p in trained.items():
@@ -135,8 +138,6 @@ def test_full_state_dict_has_hf_names_and_the_trained_weights(tmp_path, strategy
         assert not torch.equal(sd["lm_head.weight"], trained["lm_head.weight"].detach())  # the export is a copy
         group.save_model(str(tmp_path / "hf"))
         sd, _ = worker.strategy.state_dicts(worker.model, None)
-    finally:
-        group.shutdown()
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))  # plain transformers reads it
     assert max_diff(hf.state_dict(), sd) == 0.0
 
@@ -251,13 +252,7 @@ def test_gpu_strategy_matches_ddp_resumes_and_exports(tmp_path, micro_model, str
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["colossalai_zero2", "colossalai_gemini"])
 def test_gpu_full_state_dict_has_hf_names_and_fp32_values(tmp_path, strategy):
-    group = local_group(tmp_path, strategy, dtype="bf16")
-    worker = group.workers[0]
-    try:
-        for _ in range(2):
-            group.train_step()
-        sd, optim_sd = worker.strategy.state_dicts(worker.model, worker.optimizer)
-        fresh = worker.build_model().state_dict()
+    with after_two_steps(tmp_path, strategy, dtype="bf16") as (_, worker, sd, optim_sd, fresh):
         assert sd.keys() == fresh.keys()
         assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in sd.values())
         assert not torch.equal(sd["lm_head.weight"], fresh["lm_head.weight"])
@@ -266,5 +261,3 @@ def test_gpu_full_state_dict_has_hf_names_and_fp32_values(tmp_path, strategy):
         if strategy == "colossalai_zero2":
             for name, p in worker.strategy.unwrap(worker.model).named_parameters():
                 assert torch.equal(sd[name].to(p.dtype), p.detach().cpu()), name
-    finally:
-        group.shutdown()

@@ -7,30 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import max_diff, train, weights
 
-from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, RMArgs, TrainArgs
+from coati_ray.config import DataArgs, ModelArgs, TrainArgs
 from coati_ray.errors import DataError
 from coati_ray.models.loading import load_causal_lm, load_value_model
-from coati_ray.pipelines.supervised import run_training
-
-
-def train(tmp_path, name, stage="sft", trainers=1, strategy="ddp", batch_size=4, accumulation=1, max_steps=6,
-          local=False, data=None, model=None, **train_kw):
-    ta = TrainArgs(strategy=strategy, batch_size=batch_size, accumulation_steps=accumulation, max_steps=max_steps,
-                   save_path=str(tmp_path / name), log_interval=1000, warmup_ratio=0.0, **train_kw)
-    return run_training(stage, model or ModelArgs(preset_size="micro"), data or DataArgs(max_samples=400), ta,
-                        ClusterArgs(trainers=trainers), RMArgs() if stage == "rm" else None, local=local,
-                        progress=False)
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return load_file(f"{path}/model.safetensors")
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def assert_same_training(a, b, init_path: str) -> None:
@@ -181,4 +162,4 @@ def test_bf16_autocast_trains(tmp_path):
     r = train(tmp_path, "bf16", local=True, max_steps=30, batch_size=16, lr=3e-3,
               model=ModelArgs(preset_size="micro", dtype="bf16"))
     assert r.history[-1]["train/loss"] < r.history[0]["train/loss"] - 1.0
-    assert load_file(f"{r.save_path}/model.safetensors")["lm_head.weight"].dtype == torch.float32  # fp32 masters
+    assert weights(r.save_path)["lm_head.weight"].dtype == torch.float32  # fp32 masters
