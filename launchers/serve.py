@@ -65,6 +65,16 @@ def check_gptq_checkpoint(path: str, bits: int, group_size: int | None) -> None:
                           f"not {group_size}")
 
 
+def gptq_checkpoint(args) -> str | None:
+    """The checked --gptq_checkpoint when --quant asks for one, else None."""
+    if args.quant == "none":
+        return None
+    if not args.gptq_checkpoint:
+        raise ConfigError("gptq_checkpoint", f"--quant {args.quant} needs the checkpoint made by scripts/quantize.py")
+    check_gptq_checkpoint(args.gptq_checkpoint, int(args.quant[0]), args.gptq_group_size)
+    return args.gptq_checkpoint
+
+
 def load(args):
     """(model, tokenizer, model name, context length) for the flags."""
     from coati_ray.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
@@ -75,13 +85,11 @@ def load(args):
         path = str(demo) if (demo / "config.json").exists() else resolve_model_path(None)
     if not Path(path).exists():
         raise ConfigError("model", f"{path}: no such model directory")
-    if args.quant != "none":
-        if not args.gptq_checkpoint:
-            raise ConfigError("gptq_checkpoint", f"--quant {args.quant} needs the checkpoint made by scripts/quantize.py")
-        check_gptq_checkpoint(args.gptq_checkpoint, int(args.quant[0]), args.gptq_group_size)
+    ckpt = gptq_checkpoint(args)
+    if ckpt:
         from coati_ray.serve.quantize import load_quantized
 
-        model, tok = load_quantized(args.gptq_checkpoint)
+        model, tok = load_quantized(ckpt)
     else:
         model, tok = load_causal_lm(path, dtype=args.dtype), load_tokenizer(path)
     ctx = args.context_len or getattr(model.config, "max_position_embeddings", 2048)
@@ -93,12 +101,7 @@ def start_vllm(args):
     from coati_ray.models.loading import load_config, load_tokenizer, resolve_model_path
     from coati_ray.serve.vllm_engine import VLLMServeEngine
 
-    path = args.model or resolve_model_path(None)
-    if args.quant != "none":
-        if not args.gptq_checkpoint:
-            raise ConfigError("gptq_checkpoint", f"--quant {args.quant} needs the checkpoint made by scripts/quantize.py")
-        check_gptq_checkpoint(args.gptq_checkpoint, int(args.quant[0]), args.gptq_group_size)
-        path = args.gptq_checkpoint
+    path = gptq_checkpoint(args) or args.model or resolve_model_path(None)
     if not Path(path).exists():
         raise ConfigError("model", f"{path}: no such model directory")
     ctx = args.context_len or getattr(load_config(path), "max_position_embeddings", 2048)
