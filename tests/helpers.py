@@ -5,6 +5,8 @@ Importable as `helpers`: tests/conftest.py's folder is on sys.path for every tes
 
 from __future__ import annotations
 
+import time
+
 import torch
 from safetensors.torch import load_file
 
@@ -29,3 +31,15 @@ def weights(path) -> dict[str, torch.Tensor]:
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def wait_dead(ray, actor, method: str, timeout_s: float = 60.0) -> bool:
+    """True once a call of `method` on `actor` fails as dead. ray.kill is asynchronous: a call sent
+    right after it can still be served (seen in full test runs), so look again until it is not."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(getattr(actor, method).remote())
+        except ray.exceptions.RayActorError:
+            return True
+    return False

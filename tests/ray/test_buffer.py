@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
+from helpers import wait_dead
 
 from coati_ray.cluster.group import start_actor
 from coati_ray.config import DataArgs, ModelArgs, PPOArgs
@@ -58,18 +57,6 @@ def wait_until(ray, buf, key, value):
         if stats[key] == value:
             return stats
         ray.get(buf.stats.remote())  # one more round trip before the next look (no fixed sleep)
-
-
-def wait_dead(ray, actor, timeout_s: float = 60.0) -> bool:
-    """True once a call to `actor` fails as dead. ray.kill is asynchronous: a call sent right
-    after it can still be served (seen once in a full test run), so look again until it is not."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            ray.get(actor.rollouts_done.remote())
-        except ray.exceptions.RayActorError:
-            return True
-    return False
 
 
 def test_a_full_buffer_makes_the_producer_wait(ray_cluster, micro_model, demo_dir, scorers):
@@ -139,7 +126,7 @@ def test_accepted_experience_survives_the_death_of_its_generator(ray_cluster, mi
     gen, buf = make_parts(ray, micro_model, demo_dir, scorers, "own", limit=64)
     ray.get(buf.produce.remote(0, 0, [None], 0.0))  # returns once the chunk is accepted
     ray.kill(gen, no_restart=True)
-    assert wait_dead(ray, gen)  # the generator is gone ...
+    assert wait_dead(ray, gen, "rollouts_done")  # the generator is gone ...
     (ref, meta), = ray.get(buf.take.remote(0, 8))
     exp: Experience = ray.get(ref)  # ... its experience is not: the buffer owns it
     assert exp.size == 8 and exp.sample_ids.tolist() == meta.sample_ids

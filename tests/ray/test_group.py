@@ -6,7 +6,7 @@ from its checkpoint) from any other error.
 
 from __future__ import annotations
 
-import pytest
+from helpers import wait_dead
 
 
 def test_dead_ranks_names_exactly_the_killed_ranks(ray_cluster):
@@ -18,8 +18,7 @@ def test_dead_ranks_names_exactly_the_killed_ranks(ray_cluster):
         assert group.dead_ranks() == []
         for rank in (2, 0):
             ray.kill(group.workers[rank], no_restart=True)
-            with pytest.raises(ray.exceptions.RayActorError):  # wait until Ray has it as dead
-                ray.get(group.workers[rank].node_id.remote())
+            assert wait_dead(ray, group.workers[rank], "node_id")  # ray.kill is asynchronous
         assert group.dead_ranks(timeout_s=5.0) == [0, 2]
     finally:
         for w in group.workers:
