@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from coati_ray.errors import CoatiError
+from coati_ray.runtime import quiet_libraries
 
 T = TypeVar("T")
 logger = logging.getLogger("coati_ray")
@@ -21,23 +22,6 @@ logger = logging.getLogger("coati_ray")
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()
-
-
-def quiet_libraries() -> None:
-    """Quiet the libraries' per-load chatter (progress bars, load reports); our logs say what matters.
-
-    Also called in every worker process, which does not run the launcher's setup.
-    """
-    for noisy in ("transformers", "datasets", "filelock", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def parse(dataclasses: Sequence[type], argv: Sequence[str] | None, description: str,

@@ -65,7 +65,7 @@ class GenActor:
 def part_a(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     import ray
 
-    from coati_ray.cluster.group import start_actor
+    from coati_ray.runtime import start_actor
     from coati_ray.data.formatting import render_prompt
     from coati_ray.defaults import default_model_dir, demo_file
     from coati_ray.models.loading import load_causal_lm, load_tokenizer
@@ -219,7 +219,7 @@ def _sync_one(size: str, threads: int, repeats: int) -> dict[str, Any]:
     import ray
     from transformers import AutoModelForCausalLM
 
-    from coati_ray.cluster.group import start_actor
+    from coati_ray.runtime import start_actor
 
     pub, ld = (start_actor(SyncEnd, f"bench-{role}-{size}", (size, threads), num_cpus=1) for role in ("pub", "load"))
     torch.manual_seed(0)
@@ -299,7 +299,7 @@ def main() -> None:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
-    from coati_ray.cli import quiet_libraries, setup_logging
+    from coati_ray.runtime import quiet_libraries, setup_logging
     from coati_ray.cluster.ray_env import init_ray
     from coati_ray.defaults import default_model_dir, demo_data_dir
 

@@ -73,7 +73,7 @@ class JobControl:
                 self.gauges[name].set(float(metrics[key]), tags={"job": self.job_name})
 
     def node_id(self) -> str:
-        from coati_ray.cluster.placement import current_node_id
+        from coati_ray.runtime import current_node_id
 
         return current_node_id()
 

@@ -53,13 +53,6 @@ def role_resources(roles, available: dict[str, float]) -> dict[str, dict[str, fl
     return res
 
 
-def current_node_id() -> str:
-    """The Ray node this process runs on (actors report it so a run can show where each role ran)."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
-
-
 def trainer_bundles(n: int, cpus: float, gpus: float, resources: dict[str, float] | None) -> list[dict[str, float]]:
     bundle = {"CPU": cpus, "GPU": gpus, **(resources or {})}
     return [{k: v for k, v in bundle.items() if v} for _ in range(n)]

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from coati_ray.cluster.group import TrainerGroup, get_all, get_unwrapped
+from coati_ray.cluster.group import TrainerGroup
+from coati_ray.runtime import get_all, get_unwrapped
 from coati_ray.engines.generation import WeightUpdate
 from coati_ray.experience import Experience
 from coati_ray.workers.critic import CriticWorker

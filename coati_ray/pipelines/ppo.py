@@ -24,7 +24,7 @@ from typing import Any
 
 from coati_ray.algos.advantages import NEEDS_CRITIC
 from coati_ray.algos.kl import make_kl_controller
-from coati_ray.cluster.group import get_all, get_restartable, get_unwrapped, start_actor
+from coati_ray.runtime import get_all, get_restartable, get_unwrapped, start_actor
 from coati_ray.cluster.ppo_groups import CriticGroup, PolicyGroup
 from coati_ray.cluster.ray_env import init_ray
 from coati_ray.config import (

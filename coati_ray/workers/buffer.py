@@ -201,7 +201,7 @@ class ReplayBuffer:
 
     def _await_restart(self, gi: int, g: _Gen, retiring: bool) -> None:
         """Wait until Ray has restarted generator `gi` (its constructor ran again), then pool it again."""
-        from coati_ray.cluster.group import get_restartable
+        from coati_ray.runtime import get_restartable
 
         try:
             get_restartable(g.handle.weight_version.remote, RESTART_TIMEOUT_S)
@@ -347,7 +347,7 @@ class ReplayBuffer:
             return gone
 
     def node_id(self) -> str:
-        from coati_ray.cluster.placement import current_node_id
+        from coati_ray.runtime import current_node_id
 
         return current_node_id()
 

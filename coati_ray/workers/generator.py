@@ -98,7 +98,7 @@ def make_chunks(step: int, rows: list[int], num_chunks: int, n_samples: int) -> 
 
 class GeneratorWorker:
     def __init__(self, index: int, job: PPOJob, references: list, rewards: list, num_threads: int = 1):
-        from coati_ray.cli import quiet_libraries
+        from coati_ray.runtime import quiet_libraries
         from coati_ray.data.formatting import render_prompt
         from coati_ray.data.loading import load_rows, prompt_columns
         from coati_ray.models.loading import load_tokenizer
@@ -146,7 +146,7 @@ class GeneratorWorker:
         return time.perf_counter() - t0
 
     def node_id(self) -> str:
-        from coati_ray.cluster.placement import current_node_id
+        from coati_ray.runtime import current_node_id
 
         return current_node_id()
 

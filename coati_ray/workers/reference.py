@@ -9,7 +9,7 @@ from coati_ray.experience import Experience
 
 class ReferenceWorker:
     def __init__(self, model_path: str, family: str = "auto", dtype: str = "fp32", num_threads: int = 1):
-        from coati_ray.cli import quiet_libraries
+        from coati_ray.runtime import quiet_libraries
         from coati_ray.models.loading import load_causal_lm
 
         quiet_libraries()
@@ -29,6 +29,6 @@ class ReferenceWorker:
         return torch.cat(out)
 
     def node_id(self) -> str:
-        from coati_ray.cluster.placement import current_node_id
+        from coati_ray.runtime import current_node_id
 
         return current_node_id()

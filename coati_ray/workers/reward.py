@@ -9,7 +9,7 @@ from coati_ray.experience import Experience
 
 class RewardWorker:
     def __init__(self, model_path: str, family: str = "auto", dtype: str = "fp32", num_threads: int = 1):
-        from coati_ray.cli import quiet_libraries
+        from coati_ray.runtime import quiet_libraries
         from coati_ray.models.loading import load_tokenizer, load_value_model
 
         quiet_libraries()
@@ -28,6 +28,6 @@ class RewardWorker:
         return torch.cat(out)
 
     def node_id(self) -> str:
-        from coati_ray.cluster.placement import current_node_id
+        from coati_ray.runtime import current_node_id
 
         return current_node_id()

@@ -78,7 +78,7 @@ def free_port() -> int:
 
 class TrainerWorker:
     def __init__(self, rank: int, world_size: int, num_threads: int = 1):
-        from coati_ray.cli import quiet_libraries
+        from coati_ray.runtime import quiet_libraries
 
         quiet_libraries()
         self.rank, self.world_size = rank, world_size
@@ -88,7 +88,7 @@ class TrainerWorker:
 
     # --- process group ------------------------------------------------------------------------
     def node_id(self) -> str:
-        from coati_ray.cluster.placement import current_node_id
+        from coati_ray.runtime import current_node_id
 
         return current_node_id()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import wait_dead
 
-from coati_ray.cluster.group import start_actor
+from coati_ray.runtime import start_actor
 from coati_ray.config import DataArgs, ModelArgs, PPOArgs
 from coati_ray.experience import Experience
 from coati_ray.workers.buffer import ReplayBuffer, StepPlan

@@ -1,0 +1,96 @@
+"""The ground floor: small helpers every layer may import (it imports no other coati_ray module
+but `errors`). Ray calls that surface user errors and wait with bounds, logging set-up shared by
+launchers and actor processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def quiet_libraries() -> None:
+    """Quiet the libraries' per-load chatter (progress bars, load reports); our logs say what matters.
+
+    Also called in every worker process, which does not run the launcher's setup.
+    """
+    for noisy in ("transformers", "datasets", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def current_node_id() -> str:
+    """The Ray node this process runs on (actors report it so a run can show where each role ran)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def start_actor(cls: type, name: str, args: tuple, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                resources: dict[str, float] | None = None, **options):
+    """Start `cls` as a Ray actor named `name` (a leftover actor of that name is killed first)."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name))  # a previous run in this namespace left it behind
+    except ValueError:
+        pass
+    return ray.remote(cls).options(name=name, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                                   **options).remote(*args)
+
+
+def get_unwrapped(refs):
+    """ray.get, re-raising a user error (CoatiError) from an actor as itself, not wrapped."""
+    import ray
+
+    from coati_ray.errors import CoatiError
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause
+        while isinstance(cause, ray.exceptions.RayTaskError):  # raised on through another actor
+            cause = cause.cause
+        if isinstance(cause, CoatiError):  # the user's error, as raised in the actor
+            raise cause from None
+        raise
+
+
+def get_restartable(call, timeout_s: float = 900.0):
+    """`get_unwrapped(call())` for an actor Ray may be restarting: while it answers
+    ActorUnavailableError ("restarting"), make the (idempotent) call again, up to `timeout_s`
+    (a restarting generator reloads its engine: a vLLM one takes about a minute)."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return get_unwrapped(call())
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def get_all(refs: list) -> list:
+    """`get_unwrapped` of every ref, raising as soon as *any* fails.
+
+    The ranks of a group meet in collectives: when one dies, the others block in the next
+    collective, so waiting for the refs in order would hang on a live rank instead of reporting
+    the dead one.
+    """
+    import ray
+
+    left = list(refs)
+    while left:
+        done, left = ray.wait(left, num_returns=1)
+        get_unwrapped(done)
+    return get_unwrapped(refs)
