@@ -8,13 +8,13 @@ names (`--pretrain`, `--model`, `--strategy`, `--save_path`, `--dataset`, `--bat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from coati_ray.errors import ConfigError
 
 # colossalai_ddp / colossalai_hybrid run the colossalai booster path on CPU (see engines/strategy.py)
-STRATEGIES = ("ddp", "fsdp", "colossalai_zero2", "colossalai_gemini", "colossalai_ddp", "colossalai_hybrid")
 Strategy = Literal["ddp", "fsdp", "colossalai_zero2", "colossalai_gemini", "colossalai_ddp", "colossalai_hybrid"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 PRESET_LR = 1e-3  # a randomly initialised tiny model learns at this rate
 PRETRAINED_LR = 5e-6  # ColossalChat's default for real pretrained models
 
@@ -84,52 +84,88 @@ class DataArgs:
 
 
 @dataclass
-class TrainArgs:
-    strategy: str = _help(f"Trainer strategy: one of {', '.join(STRATEGIES)}.", default="ddp")
+class RunArgs:
+    """What every stage's run has: seed, logging, where it saves, checkpoints and resuming."""
+
+    seed: int = _help("Seed for model heads, data order, sampling and dropout; the same seed gives the same run.",
+                      default=42)
+    log_interval: int = _help("Log a metrics line every N steps.", default=10)
+    save_path: str = _help("Where the trained model (HF directory), checkpoints/ and tensorboard/ go.",
+                           default="outputs/sft")
+    ckpt_interval: int = _help("Save a resumable checkpoint every N steps (0: only at the end).", default=0)
+    resume: str = _help("'auto' (or a bare --resume): continue from the latest checkpoint under --save_path, "
+                        "starting fresh when there is none; a checkpoint directory: continue from it; 'no': "
+                        "start fresh.", default="no")
+
+    def validate(self) -> None:
+        check_resume(self)
+        _at_least(self, 1, "log_interval")
+        _at_least(self, 0, "ckpt_interval")
+
+
+@dataclass
+class OptimArgs:
+    """The optimizer side shared by the stages' trainer groups."""
+
+    strategy: Strategy = _help(f"Trainer strategy: one of {', '.join(STRATEGIES)}.", default="ddp")
+    lr: float | None = _help(f"Peak learning rate; default {PRESET_LR} for the tiny preset, "
+                             f"{PRETRAINED_LR} for a --pretrain model.", default=None)
+    max_epochs: int = _help("Passes over the training data.", default=1)
+    max_steps: int | None = _help("Stop after this many optimizer steps (default: max_epochs worth).",
+                                  default=None)
+    grad_clip: float = _help("Clip the global gradient norm to this (0 disables).", default=1.0)
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError("strategy", f"unknown strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        _at_least(self, 1, "max_epochs")
+        _at_least(self, 0, "grad_clip")
+        _positive_or_none(self, "lr")
+        _at_least_or_none(self, 1, "max_steps")
+
+
+@dataclass
+class TrainArgs(RunArgs, OptimArgs):
+    """Stages 1 and 2 (SFT, reward model): run and optimizer settings plus the batch layout."""
+
     batch_size: int = _help("Micro-batch size per trainer.", default=8)
     accumulation_steps: int = _help("Micro-batches accumulated per optimizer step. Global batch = "
                                     "batch_size x accumulation_steps x trainers.", default=1)
-    lr: float | None = _help(f"Peak learning rate; default {PRESET_LR} for the tiny preset, "
-                                f"{PRETRAINED_LR} for a --pretrain model.", default=None)
-    max_epochs: int = _help("Passes over the training data.", default=1)
-    max_steps: int | None = _help("Stop after this many optimizer steps (default: max_epochs worth).",
-                                     default=None)
     warmup_ratio: float = _help("Fraction of steps of linear warm-up before the cosine decay.", default=0.03)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     adam_beta1: float = _help("AdamW beta1.", default=0.9)
     adam_beta2: float = _help("AdamW beta2. 0.95 (as in GPT-3 and OpenRLHF) rather than torch's 0.999: with "
                               "0.999 a burst of large early gradients (e.g. from easy reward-model pairs) "
                               "shrinks the step for ~1000 steps.", default=0.95)
-    grad_clip: float = _help("Clip the global gradient norm to this (0 disables).", default=1.0)
-    seed: int = _help("Seed for model heads, data order and dropout.", default=42)
-    log_interval: int = _help("Log metrics every N optimizer steps.", default=10)
-    save_path: str = _help("Where the trained model (HF directory), checkpoints and logs go.",
-                           default="outputs/sft")
-    ckpt_interval: int = _help("Save a resumable checkpoint every N steps (0: only at the end).", default=0)
-    resume: str = _help("'auto' (or a bare --resume): continue from the latest checkpoint under --save_path, "
-                        "starting fresh when there is none; a checkpoint directory: continue from it; 'no': "
-                        "start fresh.", default="no")
     eval_interval: int = _help("Evaluate every N steps (0: only at the end).", default=0)
 
     def validate(self) -> None:
-        check_resume(self)
-        if self.strategy not in STRATEGIES:
-            raise ConfigError("strategy", f"unknown strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
-        for name in ("batch_size", "accumulation_steps", "max_epochs", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError("max_steps", f"must be >= 1, got {self.max_steps}")
+        RunArgs.validate(self)
+        OptimArgs.validate(self)
+        for name in ("batch_size", "accumulation_steps"):
+            _at_least(self, 1, name)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
-        for name in ("grad_clip", "ckpt_interval", "eval_interval", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("eval_interval", "weight_decay"):
+            _at_least(self, 0, name)
+
+
+def _at_least(args, low: float, name: str) -> None:
+    if getattr(args, name) < low:
+        raise ConfigError(name, f"must be >= {low}, got {getattr(args, name)}")
+
+
+def _at_least_or_none(args, low: float, name: str) -> None:
+    if getattr(args, name) is not None:
+        _at_least(args, low, name)
+
+
+def _positive_or_none(args, name: str) -> None:
+    if getattr(args, name) is not None and getattr(args, name) <= 0:
+        raise ConfigError(name, f"must be > 0, got {getattr(args, name)}")
 
 
 @dataclass
