@@ -74,7 +74,7 @@ def default_model_dir(family: str = "llama", size: str = "tiny") -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-        from coati_ray.models.presets import preset_config
+        from coati_ray.presets import preset_config
 
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
         cfg = preset_config(family, size, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)

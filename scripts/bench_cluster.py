@@ -31,17 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(gens: int, staleness: int, steps: int, save: Path, preset: str) -> dict:
-    from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, PPOArgs, RoleArgs
     from coati_ray.defaults import default_model_dir
     from coati_ray.pipelines.ppo import run_ppo
+    from coati_ray.ppo_config import PPOConfig
 
     model = str(default_model_dir("llama", preset))
-    ppo = PPOArgs(rm_path=model, experience_batch_size=8, n_samples_per_prompt=2, max_new_tokens=24,
-                  train_batch_size=8, max_steps=steps, max_staleness=staleness, advantage_estimator="grpo",
-                  sync_check_interval=0, log_interval=10_000, save_path=str(save))
+    cfg = PPOConfig.of(pretrain=model, rm_path=model, experience_batch_size=8, n_samples_per_prompt=2,
+                       max_new_tokens=24, train_batch_size=8, max_steps=steps, max_staleness=staleness,
+                       advantage_estimator="grpo", sync_check_interval=0, log_interval=10_000, save_path=str(save),
+                       actors=gens, placement="nodes", trainers=1, cpus_per_trainer=1)
     t0 = time.perf_counter()
-    r = run_ppo(ModelArgs(pretrain=model), DataArgs(), ppo, RoleArgs(actors=gens, placement="nodes"),
-                ClusterArgs(trainers=1, cpus_per_trainer=1), progress=False)
+    r = run_ppo(cfg, progress=False)
     wall = time.perf_counter() - t0
     h, last = r.history, r.history[-1]
     steady = h[2:] or h
@@ -69,7 +69,7 @@ def main() -> None:
     import ray
 
     from coati_ray.cluster.placement import ROLLOUT, TRAINER
-    from coati_ray.cluster.simulated import start_sim_cluster
+    from coati_ray.testing.simulated_cluster import start_sim_cluster
 
     nodes = [{"num_cpus": 3, "resources": {ROLLOUT: 1}}, {"num_cpus": 3, "resources": {ROLLOUT: 1}},
              {"num_cpus": 3, "resources": {TRAINER: 1}}]

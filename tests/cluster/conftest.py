@@ -30,7 +30,7 @@ class Sim:
 def sim():
     import ray
 
-    from coati_ray.cluster.simulated import start_sim_cluster
+    from coati_ray.testing.simulated_cluster import start_sim_cluster
 
     if ray.is_initialized():  # a test of another package ran first (e.g. with -k): one Ray at a time
         ray.shutdown()

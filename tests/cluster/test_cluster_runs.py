@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from coati_ray.cluster.placement import HEAD_RESOURCE, ROLE_NODE, ROLLOUT, TRAINER
-from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, PPOArgs, RoleArgs
+from coati_ray.ppo_config import PPOConfig
 
 PROMPTS, SAMPLES = 4, 2  # per step: 8 samples, ids [8 s, 8 s + 8)
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,9 +35,8 @@ def ppo_run(micro_model, save: Path, actors: int = 2, trainers: int = 2, **kw):
     args = dict(rm_path=micro_model, experience_batch_size=PROMPTS, n_samples_per_prompt=SAMPLES, max_new_tokens=8,
                 train_batch_size=4, max_steps=8, sync_check_interval=1, log_interval=1000, save_path=str(save))
     args.update(kw)
-    return run_ppo(ModelArgs(pretrain=micro_model), DataArgs(), PPOArgs(**args),
-                   RoleArgs(actors=actors, placement="nodes"), ClusterArgs(trainers=trainers, cpus_per_trainer=1),
-                   progress=False)
+    return run_ppo(PPOConfig.of(pretrain=micro_model, actors=actors, placement="nodes", trainers=trainers,
+                                cpus_per_trainer=1, **args), progress=False)
 
 
 class Background:
@@ -112,9 +111,9 @@ def observed(sim, micro_model, tmp_path_factory):
     """A run watched from outside while it goes on; it is stopped through the control actor once
     everything was seen (so the observation never races the end of the run)."""
     from coati_ray.cluster.control import request_stop
+    from coati_ray.testing.simulated_cluster import list_actors_http, metrics_text
 
     from .browser import chromium_path, render_dom, screenshot
-    from coati_ray.cluster.simulated import list_actors_http, metrics_text
 
     ray = sim.ray
     run = Background(lambda: ppo_run(micro_model, tmp_path_factory.mktemp("observed"), max_steps=200))

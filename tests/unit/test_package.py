@@ -29,7 +29,7 @@ def test_the_vllm_backend_without_vllm_says_which_extra_to_install(micro_model, 
 
     import torch
 
-    from coati_ray.engines.generation import make_backend
+    from coati_ray.engines.backends import make_backend
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")

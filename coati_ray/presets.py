@@ -1,7 +1,9 @@
 """Tiny models built from a config, one per model family the seed names.
 
 `tiny` (~4M parameters with the demo tokenizer) is the embedded default; `micro` (~0.3M) keeps
-tests fast. They are saved once in HF format and then loaded by path like any HF model.
+tests fast. They are saved once in HF format (`defaults.default_model_dir`) and then loaded by path
+like any HF model. A ground-floor module (it imports nothing from coati_ray), so that `defaults`,
+which builds them, does not import `models`, which loads the default model through `defaults`.
 """
 
 from __future__ import annotations
