@@ -94,3 +94,8 @@ def get_all(refs: list) -> list:
         done, left = ray.wait(left, num_returns=1)
         get_unwrapped(done)
     return get_unwrapped(refs)
+
+
+def process_group_backend(device) -> str:
+    """torch.distributed's backend for a trainer group on `device` (a torch.device)."""
+    return "nccl" if device.type == "cuda" else "gloo"

@@ -10,7 +10,8 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, RMArgs, TrainArgs
+from coati_ray.config import ClusterArgs, ModelArgs, PairDataArgs, RMArgs, SFTDataArgs, TrainArgs
+from coati_ray.experience import Experience
 from coati_ray.pipelines.supervised import run_training
 
 
@@ -19,7 +20,8 @@ def train(tmp_path, name, stage="sft", trainers=1, strategy="ddp", batch_size=4,
     """An SFT (or RM) run of the micro preset on 400 demo rows, saved under tmp_path/name."""
     ta = TrainArgs(strategy=strategy, batch_size=batch_size, accumulation_steps=accumulation, max_steps=max_steps,
                    save_path=str(tmp_path / name), log_interval=1000, warmup_ratio=0.0, **train_kw)
-    return run_training(stage, model or ModelArgs(preset_size="micro"), data or DataArgs(max_samples=400), ta,
+    data = data or (PairDataArgs if stage == "rm" else SFTDataArgs)(max_samples=400)
+    return run_training(stage, model or ModelArgs(preset_size="micro"), data, ta,
                         ClusterArgs(trainers=trainers), RMArgs() if stage == "rm" else None, local=local,
                         progress=False)
 
@@ -43,3 +45,22 @@ def wait_dead(ray, actor, method: str, timeout_s: float = 60.0) -> bool:
         except ray.exceptions.RayActorError:
             return True
     return False
+
+
+def rollout(backend, tokenizer) -> Experience:
+    """Two prompts (English, Chinese) sampled by `backend`: the experience a weight-sync check scores."""
+    from coati_ray.data.formatting import render_prompt
+    from coati_ray.engines.generation import SamplingParams
+
+    texts = ["Tom has 3 apples and gets 4 more. How many?", "小明有5个苹果。"]
+    prompts = [tokenizer(render_prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in texts]
+    out = backend.generate(prompts, SamplingParams(max_new_tokens=8, seed=0))
+    P, A = max(map(len, prompts)), max(len(g.token_ids) for g in out)
+    seq = torch.full((2, P + A), tokenizer.pad_token_id)
+    mask, amask = torch.zeros_like(seq), torch.zeros(2, A)
+    for i, (p, g) in enumerate(zip(prompts, out)):
+        seq[i, P - len(p):P], mask[i, P - len(p):P] = torch.tensor(p), 1
+        seq[i, P:P + len(g.token_ids)], mask[i, P:P + len(g.token_ids)] = torch.tensor(g.token_ids), 1
+        amask[i, :len(g.token_ids)] = 1
+    z = torch.zeros(2)
+    return Experience(seq, mask, amask, torch.zeros(2, A), z, torch.arange(2), z.long(), z.long())

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from coati_ray.cluster.group import TrainerGroup
-from coati_ray.runtime import get_all, get_unwrapped
 from coati_ray.engines.generation import WeightUpdate
 from coati_ray.experience import Experience
+from coati_ray.runtime import get_all, get_unwrapped
 from coati_ray.workers.critic import CriticWorker
-from coati_ray.workers.job import PPOJob
+from coati_ray.workers.job import CriticJob, PolicyJob
 from coati_ray.workers.policy import PolicyTrainOut, PolicyWorker
 
 
@@ -38,8 +38,9 @@ def _wait_all_get_first(refs: list) -> Any:
 class PolicyGroup(TrainerGroup):
     worker_cls = PolicyWorker
 
-    def setup_ppo(self, job: PPOJob) -> dict[str, float]:
-        return self._call("setup_ppo", job)[0]
+    def start_setup(self, job: PolicyJob) -> list:
+        """Every rank loads the policy and builds its optimizer; `get_all(refs)[0]` is rank 0's info."""
+        return self._call_refs("setup", job)
 
     def start_train(self, refs: list, step: int) -> list:
         """Start a PPO update on every rank; `finish_train` collects it (the critic trains meanwhile)."""
@@ -55,23 +56,20 @@ class PolicyGroup(TrainerGroup):
         """ObjectRef of the WeightUpdate for `version` (rank 0's return value, left in the object store)."""
         return _wait_all_get_first(self._call_refs("publish", version))
 
-    def nccl_connect(self, generators: list, tensor_parallel_sizes: list[int]) -> None:
-        """Form the NCCL sync group: trainer rank 0 (sender) and every worker of every engine."""
-        import ray
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0's address and a free port there (for a group the trainers open with others)."""
+        return get_unwrapped(self.workers[0].master_address.remote())
 
-        from coati_ray.engines.vllm_nccl import engine_ranks
+    def run_refs(self, fn, *args) -> list:
+        """Start `fn(worker, *args)` on every rank (a weight-sync transport's trainer side)."""
+        return self._call_refs("run", fn, *args)
 
-        addr, port = ray.get(self.workers[0].master_address.remote())
-        offsets, world = engine_ranks(tensor_parallel_sizes)
-        get_unwrapped(self._call_refs("nccl_open", addr, port, world)
-                      + [g.nccl_connect.remote(addr, port, off, world) for g, off in zip(generators, offsets)])
+    def run(self, fn, *args) -> list:
+        return get_all(self.run_refs(fn, *args))
 
-    def nccl_push(self, version: int, generators: list) -> float:
-        """Every rank gathers `version`; rank 0 broadcasts it into every engine. Returns the slowest load (s)."""
-        update_info = self._call("nccl_gather", version)[0]
-        loads = [g.nccl_receive.remote(version, update_info) for g in generators]
-        get_unwrapped(loads + [self.workers[0].nccl_broadcast.remote()])
-        return max(get_unwrapped(loads))
+    def run_rank0_ref(self, fn, *args):
+        """Start `fn(worker, *args)` on rank 0 only."""
+        return self.workers[0].run.remote(fn, *args)
 
     def score_log_probs(self, exp_ref) -> torch.Tensor:
         """Rank 0's log-probs of the first rows of the experience behind `exp_ref` (read by the actors)."""
@@ -81,8 +79,8 @@ class PolicyGroup(TrainerGroup):
 class CriticGroup(TrainerGroup):
     worker_cls = CriticWorker
 
-    def setup_critic(self, job: PPOJob) -> dict[str, float]:
-        return self._call("setup_critic", job)[0]
+    def start_setup(self, job: CriticJob) -> list:
+        return self._call_refs("setup", job)
 
     def prepare(self, refs: list, step: int, kl_coef: float) -> Any:
         """ObjectRef of the step's finished Experience (values, advantages, returns)."""

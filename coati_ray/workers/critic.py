@@ -16,11 +16,10 @@ import torch
 
 from coati_ray.algos.advantages import ADVANTAGE_ESTIMATORS, masked_whiten
 from coati_ray.algos.losses import explained_variance, value_loss
-from coati_ray.config import PPO_PRESET_CRITIC_LR, PPO_PRETRAINED_CRITIC_LR
 from coati_ray.experience import Experience
 from coati_ray.models.heads import token_values
-from coati_ray.workers.job import PPOJob
-from coati_ray.workers.ppo_common import PPOTrainerBase
+from coati_ray.workers.job import CriticJob
+from coati_ray.workers.ppo_common import PPORank
 
 
 def action_values(model, exp: Experience) -> torch.Tensor:
@@ -30,17 +29,17 @@ def action_values(model, exp: Experience) -> torch.Tensor:
     return v[:, T - A - 1:T - 1]
 
 
-class CriticWorker(PPOTrainerBase):
-    def setup_critic(self, job: PPOJob) -> dict[str, float]:
-        lr = job.ppo.critic_lr or (PPO_PRESET_CRITIC_LR if job.is_preset else PPO_PRETRAINED_CRITIC_LR)
-        return self._setup_common(job, lr)
+class CriticWorker(PPORank):
+    def setup(self, job: CriticJob) -> dict[str, float]:
+        self.job = job
+        return self._setup_common(job.update, job.tokenizer_path, job.model.dtype)
 
     def build_model(self) -> torch.nn.Module:
         from coati_ray.models.loading import load_tokenizer, load_value_model
         from coati_ray.models.lora import apply_lora
 
         job = self.job
-        torch.manual_seed(job.ppo.seed)  # a new head (from a causal LM) is the same on every rank
+        torch.manual_seed(job.update.seed)  # a new head (from a causal LM) is the same on every rank
         tok = load_tokenizer(job.critic_path)
         model = load_value_model(job.critic_path, job.model.model, "fp32", pad_token_id=tok.pad_token_id)
         if job.lora:
@@ -51,7 +50,7 @@ class CriticWorker(PPOTrainerBase):
     @torch.no_grad()
     def prepare(self, refs: list, step: int, kl_coef: float, micro_batch: int = 64) -> Experience | None:
         t0 = time.perf_counter()
-        ppo = self.job.ppo
+        obj = self.job.objective
         exp = self._fetch(refs)
         self.model.eval()
         per = math.ceil(exp.size / self.world_size)
@@ -70,8 +69,8 @@ class CriticWorker(PPOTrainerBase):
             torch.distributed.all_reduce(values)
         values = values.cpu() * exp.action_mask
         adv, ret = ADVANTAGE_ESTIMATORS["gae"](exp.score, exp.kl, exp.action_mask, kl_coef, values,
-                                               ppo.n_samples_per_prompt, ppo.gamma, ppo.lam)
-        if ppo.whiten_advantages:
+                                               self.job.n_samples_per_prompt, obj.gamma, obj.lam)
+        if obj.whiten_advantages:
             adv = masked_whiten(adv, exp.action_mask)
         self._exp = replace(exp, values=values, advantages=adv, returns=ret)
         self._prep_metrics = {"value/explained_variance": explained_variance(values, ret, exp.action_mask),
@@ -82,18 +81,18 @@ class CriticWorker(PPOTrainerBase):
 
     def train_values(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        ppo, exp = self.job.ppo, self._exp
+        up, obj, exp = self.update, self.job.objective, self._exp
         self.model.train()
         sums = {"loss": 0.0, "clipped": 0.0, "tokens": 0.0, "grad_norm": 0.0, "updates": 0.0}
-        for epoch in range(ppo.max_epochs):
+        for epoch in range(up.max_epochs):
             for rows in self._minibatches(exp.size, step, epoch):
                 mb = exp.select(rows).to(self.device)
                 count = self._global_count(mb.action_mask)
                 with self._autocast():
                     v = action_values(self.model, mb).float()
-                    loss_sum, clipped = value_loss(v, mb.values, mb.returns, mb.action_mask, ppo.value_clip)
+                    loss_sum, clipped = value_loss(v, mb.values, mb.returns, mb.action_mask, obj.value_clip)
                 self.strategy.backward(loss_sum * self.world_size / count, self.model, self.optimizer)
-                sums["grad_norm"] += self.strategy.optimizer_step(self.model, self.optimizer, ppo.grad_clip)
+                sums["grad_norm"] += self.strategy.optimizer_step(self.model, self.optimizer, up.grad_clip)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 sums["updates"] += 1

@@ -1,8 +1,9 @@
 """Generator actor: rollouts on its own shard of the prompts, scored into experience chunks.
 
-One `rollout(step, min_version, weights, kl_coef)` call, made by the replay buffer when it has
+One `rollout(chunk, min_version, ticket, kl_coef)` call, made by the replay buffer when it has
 room (so the buffer owns the returned chunk):
-    0. load the newer weights first if this generator holds a version below `min_version`
+    0. bring the weights up to date through the weight-sync ticket if this generator holds a
+       version below `min_version` (see coati_ray/sync/)
     1. take this step's prompts from the shard (a function of seed, episode and step only)
     2. sample `n_samples_per_prompt` responses each with the backend (log-probs included)
     3. reference log-probs and reward scores from a reference and a reward actor, which read the
@@ -15,11 +16,9 @@ The driver never sees the chunk.
 
 from __future__ import annotations
 
-import functools
 import logging
-import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -29,79 +28,22 @@ from coati_ray.algos.advantages import (
     normalize_scores,
 )
 from coati_ray.algos.kl import token_kl
-from coati_ray.engines.generation import SamplingParams, WeightUpdate, make_backend
+from coati_ray.engines.backends import make_backend
+from coati_ray.engines.generation import SamplingParams, WeightUpdate
 from coati_ray.experience import Experience
-from coati_ray.workers.job import PPOJob
+from coati_ray.sync.base import WeightTicket
+from coati_ray.workers.chunks import Chunk, ChunkMeta
+from coati_ray.workers.job import RolloutJob
 
 logger = logging.getLogger(__name__)
 
 
-def prompts_per_step(experience_batch_size: int, index: int, num_chunks: int) -> int:
-    """Prompts in chunk `index` of a step split `num_chunks` ways (the first chunks take the remainder)."""
-    q, r = divmod(experience_batch_size, num_chunks)
-    return q + (index < r)
-
-
-def steps_per_episode(n_prompts: int, experience_batch_size: int) -> int:
-    return n_prompts // experience_batch_size
-
-
-def step_prompts(step: int, n_prompts: int, experience_batch_size: int, seed: int) -> list[int]:
-    """The prompt rows of PPO step `step`: a seeded shuffle per episode, cut into steps.
-
-    A function of (seed, step) alone: which generator samples them, and how many generators
-    there are, does not change what a step trains on (so generators can come and go, and a
-    resumed run samples what the original did).
-    """
-    spe = steps_per_episode(n_prompts, experience_batch_size)
-    episode, k = divmod(step, spe)
-    return list(_episode_order(n_prompts, seed, episode)[k * experience_batch_size:(k + 1) * experience_batch_size])
-
-
-@functools.lru_cache(maxsize=2)  # the current episode (and the next, at a boundary): one shuffle each
-def _episode_order(n_prompts: int, seed: int, episode: int) -> tuple[int, ...]:
-    order = list(range(n_prompts))
-    random.Random(seed * 7919 + episode * 104729).shuffle(order)
-    return tuple(order)
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One rollout request: a slice of a step's prompts. Sample ids follow from the slice's place in
-    the step, not from the generator that makes it, so a chunk issued again makes the same ids."""
-
-    step: int
-    index: int  # chunk index within the step (also seeds the sampling)
-    rows: tuple[int, ...]  # prompt rows
-    first_slot: int  # step * experience_batch_size + the prompts of the chunks before this one
-    n_samples: int  # responses per prompt
-
-    @property
-    def size(self) -> int:
-        return len(self.rows) * self.n_samples
-
-    def sample_ids(self) -> list[int]:
-        n = self.n_samples
-        return [(self.first_slot + j // n) * n + j % n for j in range(self.size)]
-
-
-def make_chunks(step: int, rows: list[int], num_chunks: int, n_samples: int) -> list[Chunk]:
-    """Split step `step`'s prompt rows into `num_chunks` chunks (fewer when there are fewer prompts)."""
-    num_chunks = max(1, min(num_chunks, len(rows)))
-    out, at = [], 0
-    for c in range(num_chunks):
-        k = prompts_per_step(len(rows), c, num_chunks)
-        out.append(Chunk(step, c, tuple(rows[at:at + k]), step * len(rows) + at, n_samples))
-        at += k
-    return out
-
-
 class GeneratorWorker:
-    def __init__(self, index: int, job: PPOJob, references: list, rewards: list, num_threads: int = 1):
-        from coati_ray.runtime import quiet_libraries
+    def __init__(self, index: int, job: RolloutJob, references: list, rewards: list, num_threads: int = 1):
         from coati_ray.data.formatting import render_prompt
         from coati_ray.data.loading import load_rows, prompt_columns
         from coati_ray.models.loading import load_tokenizer
+        from coati_ray.runtime import quiet_libraries
 
         quiet_libraries()
         torch.set_num_threads(max(1, num_threads))
@@ -113,15 +55,16 @@ class GeneratorWorker:
         rows = load_rows(job.prompt_file, prompt_columns(job.data.keys()), job.data.skip_bad_rows).dataset
         self.prompts = rows["prompt"]  # tokenized on first use: any generator can be sent any row
         self.render_prompt = render_prompt
-        self.max_prompt = max(8, job.data.max_len - job.ppo.max_new_tokens)
+        ro = job.rollout
+        self.max_prompt = max(8, job.data.max_len - ro.max_new_tokens)
         self.prompt_ids: dict[int, list[int]] = {}
-        self.backend = make_backend(job.ppo.generator_backend, job.policy_path, job.model.model, job.model.dtype,
+        self.backend = make_backend(ro.generator_backend, job.policy_path, job.model.model, job.model.dtype,
                                     job.lora, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.device,
-                                    job.ppo.seed, max_model_len=job.data.max_len,
-                                    vllm_options={"tensor_parallel_size": job.ppo.vllm_tensor_parallel_size,
-                                                  "gpu_memory_utilization": job.ppo.vllm_gpu_memory_utilization,
-                                                  "enforce_eager": job.ppo.vllm_enforce_eager,
-                                                  "weight_sync": job.ppo.vllm_weight_sync})
+                                    job.seed, max_model_len=job.data.max_len,
+                                    vllm_options={"tensor_parallel_size": ro.vllm_tensor_parallel_size,
+                                                  "gpu_memory_utilization": ro.vllm_gpu_memory_utilization,
+                                                  "enforce_eager": ro.vllm_enforce_eager,
+                                                  "engine_options": job.engine_options})
         self.version = 0
         self.rollouts = 0
 
@@ -135,15 +78,9 @@ class GeneratorWorker:
         self.version = update.version
         return time.perf_counter() - t0
 
-    def nccl_connect(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        self.backend.nccl_connect(master_address, master_port, rank_offset, world_size)
-
-    def nccl_receive(self, version: int, update_info: dict) -> float:
-        """Receive weights `version` broadcast by trainer rank 0 (--vllm_weight_sync nccl); seconds taken."""
-        t0 = time.perf_counter()
-        self.backend.nccl_receive(update_info)
-        self.version = version
-        return time.perf_counter() - t0
+    def run(self, fn, *args):
+        """`fn(self, *args)` in this actor: a weight-sync transport's generator side (coati_ray/sync/)."""
+        return fn(self, *args)
 
     def node_id(self) -> str:
         from coati_ray.runtime import current_node_id
@@ -154,16 +91,13 @@ class GeneratorWorker:
         return self.version
 
     def log_probs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int) -> torch.Tensor:
-        return self.backend.log_probs(sequences, attention_mask, num_actions, self.job.ppo.temperature)
+        return self.backend.log_probs(sequences, attention_mask, num_actions, self.job.rollout.temperature)
 
-    def sync_check(self, weights: list, exp: Experience, rows: int = 2) -> tuple[int, torch.Tensor]:
-        """(version, log-probs of the first `rows` of `exp`, 0 past each response's end) after
-        loading `weights` if newer. Only response tokens count: what an engine returns for the
-        padding after a short response is not defined."""
-        import ray
-
-        if weights[0] is not None:  # None: pushed over NCCL already
-            self.load_weights(ray.get(weights[0]))
+    def sync_check(self, ticket: WeightTicket, exp: Experience, rows: int = 2) -> tuple[int, torch.Tensor]:
+        """(version, log-probs of the first `rows` of `exp`, 0 past each response's end) once up to
+        date with `ticket`. Only response tokens count: what an engine returns for the padding
+        after a short response is not defined."""
+        ticket.bring_up_to_date(self)
         e = exp.select(list(range(min(rows, exp.size))))
         return self.version, self.log_probs(e.sequences, e.attention_mask, e.num_actions) * e.action_mask
 
@@ -175,24 +109,21 @@ class GeneratorWorker:
             ids = self.prompt_ids[row] = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt:]
         return ids
 
-    def rollout(self, chunk: Chunk, min_version: int, weights: list, kl_coef: float):
+    def rollout(self, chunk: Chunk, min_version: int, ticket: WeightTicket, kl_coef: float):
         """Make the experience of `chunk`: returns (Experience, ChunkMeta)."""
         import ray
 
-        from coati_ray.workers.buffer import ChunkMeta
-
         t_load = 0.0
         if self.version < min_version:  # 0. never generate with weights older than asked for
-            update: WeightUpdate = ray.get(weights[0])
-            if update.version < min_version:
+            t_load = ticket.bring_up_to_date(self)
+            if self.version < min_version:
                 raise RuntimeError(f"generator-{self.index}: step {chunk.step} needs weights v{min_version}, "
-                                   f"got v{update.version}")
-            t_load = self.load_weights(update)
-        ppo, n = self.job.ppo, chunk.n_samples
+                                   f"got v{self.version}")
+        ro, obj, n = self.job.rollout, self.job.objective, chunk.n_samples
         # 1-2. sample; seeded by (seed, step, chunk) so a resumed run, or a chunk issued again, samples alike
         t0 = time.perf_counter()
-        params = SamplingParams(ppo.temperature, ppo.top_p, ppo.top_k, ppo.max_new_tokens,
-                                seed=ppo.seed * 1_000_003 + chunk.step * 1009 + chunk.index)
+        params = SamplingParams(ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens,
+                                seed=self.job.seed * 1_000_003 + chunk.step * 1009 + chunk.index)
         ids = [self.tokens_of(i) for i in chunk.rows for _ in range(n)]
         out = self.backend.generate(ids, params)
         sample_ids = chunk.sample_ids()
@@ -200,15 +131,15 @@ class GeneratorWorker:
         t1 = time.perf_counter()
         # 3. reference and reward read the rollout from the object store (not via the driver)
         rollout_ref = ray.put(exp)
-        ref_lp, score = ray.get([self.reference.log_probs.remote(rollout_ref, ppo.temperature),
+        ref_lp, score = ray.get([self.reference.log_probs.remote(rollout_ref, ro.temperature),
                                  self.reward.score.remote(rollout_ref)])
         # 4. KL and (critic-free) advantages
-        kl = token_kl(exp.log_probs, ref_lp, exp.action_mask, ppo.kl_estimator)
-        shaped = normalize_scores(score, ppo.reward_clip, ppo.normalize_reward)
+        kl = token_kl(exp.log_probs, ref_lp, exp.action_mask, obj.kl_estimator)
+        shaped = normalize_scores(score, obj.reward_clip, obj.normalize_reward)
         exp = replace(exp, ref_log_probs=ref_lp, kl=kl, score=shaped, raw_score=score)
-        if not NEEDS_CRITIC[ppo.advantage_estimator]:
-            adv, ret = ADVANTAGE_ESTIMATORS[ppo.advantage_estimator](
-                shaped, kl, exp.action_mask, kl_coef, None, n, ppo.gamma, ppo.lam)
+        if not NEEDS_CRITIC[obj.advantage_estimator]:
+            adv, ret = ADVANTAGE_ESTIMATORS[obj.advantage_estimator](
+                shaped, kl, exp.action_mask, kl_coef, None, n, obj.gamma, obj.lam)
             exp = replace(exp, advantages=adv, returns=ret)
         t2 = time.perf_counter()
         self.rollouts += 1
@@ -223,7 +154,8 @@ class GeneratorWorker:
     def rollouts_done(self) -> int:
         return self.rollouts
 
-    def _to_experience(self, prompts: list[list[int]], out, sample_ids: list[int], prompt_index: list[int]) -> Experience:
+    def _to_experience(self, prompts: list[list[int]], out, sample_ids: list[int],
+                       prompt_index: list[int]) -> Experience:
         pad = self.tokenizer.pad_token_id
         P = max(len(p) for p in prompts)
         A = max(1, max(len(g.token_ids) for g in out))

@@ -1,27 +1,72 @@
-"""What every PPO role is built from: resolved paths plus the config parts it needs (pickled to actors)."""
+"""What each PPO role is built from: resolved paths plus only the config parts it reads (pickled to actors).
+
+    RolloutJob   generators:       the policy, the prompts, sampling (RolloutArgs), reward shaping
+    PolicyJob    policy trainers:  the policy, the update schedule, the actor loss, PTX text
+    CriticJob    critic trainers:  the value model, the update schedule, GAE and the value loss
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from coati_ray.config import DataArgs, ModelArgs, PPOArgs
+from coati_ray.config import ModelArgs, PromptDataArgs
+from coati_ray.ppo_config import ObjectiveArgs, RolloutArgs
+
+
+def lora_of(model: ModelArgs) -> dict | None:
+    """The LoRA settings of a run (None: full fine-tuning)."""
+    return {"rank": model.lora_rank, "alpha": model.lora_alpha, "target_modules": model.lora_target_modules} \
+        if model.lora_rank > 0 else None
 
 
 @dataclass
-class PPOJob:
-    policy_path: str  # initial policy; also the frozen reference
-    reward_path: str
-    critic_path: str | None  # None for critic-free estimators
-    prompt_file: str
-    pretrain_file: str | None  # PTX text (None when ptx_coef is 0)
-    model: ModelArgs  # family, dtype, LoRA
-    data: DataArgs  # max_len and column names
-    ppo: PPOArgs
-    is_preset: bool = True
-    stage: str = "ppo"
+class ModelJob:
+    """A role's model settings (family, dtype, LoRA); each job below adds what its role reads."""
+
+    model: ModelArgs
 
     @property
     def lora(self) -> dict | None:
-        m = self.model
-        return {"rank": m.lora_rank, "alpha": m.lora_alpha, "target_modules": m.lora_target_modules} \
-            if m.lora_rank > 0 else None
+        return lora_of(self.model)
+
+
+@dataclass
+class UpdateSpec:
+    """How a PPO trainer group updates: the same for the policy and the critic but the learning rate."""
+
+    strategy: str
+    lr: float  # resolved (preset or pretrained default when the flag is not given)
+    grad_clip: float
+    train_batch_size: int  # samples per optimizer step per rank
+    max_epochs: int  # passes over each step's experience
+    seed: int  # model init, LoRA init, minibatch order
+
+
+@dataclass
+class RolloutJob(ModelJob):
+    policy_path: str  # initial policy (tokenizer too)
+    prompt_file: str
+    data: PromptDataArgs  # max_len, prompt column, bad rows
+    rollout: RolloutArgs
+    objective: ObjectiveArgs  # KL estimator, reward shaping, critic-free advantages
+    seed: int
+    engine_options: dict  # extra engine arguments of the weight-sync transport (vllm)
+
+
+@dataclass
+class PolicyJob(ModelJob):
+    policy_path: str
+    update: UpdateSpec
+    objective: ObjectiveArgs  # eps_clip, ptx_coef, entropy_coef
+    temperature: float  # log-probs under the sampling distribution
+    pretrain_file: str | None  # PTX text (None when ptx_coef is 0)
+    data: PromptDataArgs  # max_len, bad rows (of the PTX text)
+
+
+@dataclass
+class CriticJob(ModelJob):
+    critic_path: str
+    tokenizer_path: str  # the policy's (pad token of the experience)
+    update: UpdateSpec
+    objective: ObjectiveArgs  # gamma, lam, whiten_advantages, value_clip
+    n_samples_per_prompt: int

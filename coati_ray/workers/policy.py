@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from coati_ray.algos.losses import combine_actor_loss, entropy_from_logits, policy_loss
-from coati_ray.config import PPO_PRESET_LR, PPO_PRETRAINED_LR
 from coati_ray.data import formatting as fmt
 from coati_ray.engines.generation import WeightUpdate
 from coati_ray.models.heads import action_log_probs, forward
-from coati_ray.workers.job import PPOJob
-from coati_ray.workers.ppo_common import PPOTrainerBase
+from coati_ray.workers.job import PolicyJob
+from coati_ray.workers.ppo_common import PPORank
 
 
 @dataclass
@@ -29,16 +28,18 @@ class PolicyTrainOut:
     versions: list[int]  # weight version of every sample of the step
 
 
-class PolicyWorker(PPOTrainerBase):
-    def setup_ppo(self, job: PPOJob) -> dict[str, float]:
-        lr = job.ppo.lr or (PPO_PRESET_LR if job.is_preset else PPO_PRETRAINED_LR)
-        info = self._setup_common(job, lr)
+class PolicyWorker(PPORank):
+    def setup(self, job: PolicyJob) -> dict[str, float]:
+        self.job = job
+        info = self._setup_common(job.update, job.policy_path, job.model.dtype)
+        self.transport_state: dict = {}  # what a weight-sync transport keeps on this rank (coati_ray/sync/)
         self.ptx: list[list[int]] = []
-        if job.pretrain_file and job.ppo.ptx_coef > 0:
+        if job.pretrain_file and job.objective.ptx_coef > 0:
             from coati_ray.data.loading import load_rows, text_columns
 
             rows = load_rows(job.pretrain_file, text_columns({}), job.data.skip_bad_rows).dataset
-            self.ptx = [ids for r in rows if len(ids := fmt.tokenize_text(self._tokenizer, r["text"], job.data.max_len)) > 1]
+            texts = (fmt.tokenize_text(self._tokenizer, r["text"], job.data.max_len) for r in rows)
+            self.ptx = [ids for ids in texts if len(ids) > 1]
         self.updates = 0  # optimizer steps so far: the PTX data position
         self.version = 0
         return info
@@ -48,7 +49,7 @@ class PolicyWorker(PPOTrainerBase):
         from coati_ray.models.lora import apply_lora
 
         job = self.job
-        torch.manual_seed(job.ppo.seed)  # identical LoRA init on every rank and in the generators
+        torch.manual_seed(job.update.seed)  # identical LoRA init on every rank and in the generators
         model = load_causal_lm(job.policy_path, job.model.model, "fp32")
         if job.lora:
             model = apply_lora(model, job.lora["rank"], job.lora["alpha"], job.model.lora_dropout,
@@ -57,36 +58,37 @@ class PolicyWorker(PPOTrainerBase):
 
     # --- training -----------------------------------------------------------------------------------
     def _ptx_batch(self) -> dict[str, torch.Tensor]:
-        tbs, n = self.job.ppo.train_batch_size, len(self.ptx)
+        tbs, n = self.update.train_batch_size, len(self.ptx)
         start = (self.updates * self.world_size + self.rank) * tbs
         items = [self.ptx[(start + i) % n] for i in range(tbs)]
         ids = fmt.pad_batch(items, self._tokenizer.pad_token_id)
         mask = fmt.pad_batch([[1] * len(x) for x in items], 0)
         labels = ids.masked_fill(mask == 0, fmt.IGNORE_INDEX)
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "labels": labels.to(self.device)}
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "labels": labels.to(self.device)}
 
     def ppo_train(self, refs: list, step: int) -> PolicyTrainOut:
-        ppo = self.job.ppo
+        up, obj = self.update, self.job.objective
         t0 = time.perf_counter()
         exp = self._fetch(refs)
         if exp.advantages is None:
             raise RuntimeError("experience reached the policy trainer without advantages")
         self.model.train()
-        use_ptx = bool(self.ptx) and ppo.ptx_coef > 0
+        use_ptx = bool(self.ptx) and obj.ptx_coef > 0
         sums = {k: 0.0 for k in ("pg", "clipped", "approx_kl", "entropy", "ptx", "tokens", "grad_norm", "updates")}
         ids_per_epoch: list[list[int]] = []
-        for epoch in range(ppo.max_epochs):
+        for epoch in range(up.max_epochs):
             ids: list[int] = []
             for rows in self._minibatches(exp.size, step, epoch):
                 mb = exp.select(rows).to(self.device)
                 count = self._global_count(mb.action_mask)
                 with self._autocast():
                     lp, logits = action_log_probs(self.model, mb.sequences, mb.attention_mask, mb.num_actions,
-                                                  ppo.temperature, return_logits=True)
-                    out = policy_loss(lp, mb.log_probs, mb.advantages, mb.action_mask, ppo.eps_clip)
+                                                  self.job.temperature, return_logits=True)
+                    out = policy_loss(lp, mb.log_probs, mb.advantages, mb.action_mask, obj.eps_clip)
                     scale = self.world_size / count  # DDP/FSDP average over ranks; we want the global token mean
                     ent_sum = None
-                    if ppo.entropy_coef:
+                    if obj.entropy_coef:
                         ent_sum = (entropy_from_logits(logits) * mb.action_mask).sum()
                     ptx = None
                     if use_ptx:
@@ -98,10 +100,10 @@ class PolicyWorker(PPOTrainerBase):
                                                   reduction="sum")
                         ptx = ptx_sum * self.world_size / ptx_count
                         sums["ptx"] += float(ptx_sum.detach()) / ptx_count
-                    loss = combine_actor_loss(out.loss_sum * scale, ptx, ppo.ptx_coef,
-                                              None if ent_sum is None else ent_sum * scale, ppo.entropy_coef)
+                    loss = combine_actor_loss(out.loss_sum * scale, ptx, obj.ptx_coef,
+                                              None if ent_sum is None else ent_sum * scale, obj.entropy_coef)
                 self.strategy.backward(loss, self.model, self.optimizer)
-                sums["grad_norm"] += self.strategy.optimizer_step(self.model, self.optimizer, ppo.grad_clip)
+                sums["grad_norm"] += self.strategy.optimizer_step(self.model, self.optimizer, up.grad_clip)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.updates += 1
@@ -122,7 +124,7 @@ class PolicyWorker(PPOTrainerBase):
                    "policy/approx_kl": red["approx_kl"] / tok, "policy/grad_norm": sums["grad_norm"] / n_up,
                    "policy/lr": self.scheduler.get_last_lr()[0], "policy/updates": n_up,
                    "timing/train_policy": time.perf_counter() - t0}
-        if ppo.entropy_coef:
+        if obj.entropy_coef:
             metrics["policy/entropy"] = red["entropy"] / tok
         if use_ptx:
             metrics["ptx/loss"] = self._all_reduce([sums["ptx"]])[0] / n_up  # per-update global means, averaged
@@ -132,8 +134,9 @@ class PolicyWorker(PPOTrainerBase):
     def publish(self, version: int) -> WeightUpdate | None:
         """Gather the full weights (every rank takes part); rank 0 returns them as one update.
 
-        The return value is the object in Ray's store: the driver passes its ObjectRef to every
-        generator, which reads it directly. With LoRA only the adapter tensors are shipped.
+        A transport sends it on (coati_ray/sync/); through the object store, the return value is the
+        object in Ray's store, which every generator reads directly. With LoRA only the adapter
+        tensors are shipped.
         """
         sd, _ = self.strategy.state_dicts(self.model, None)
         self.version = version
@@ -143,30 +146,9 @@ class PolicyWorker(PPOTrainerBase):
             sd = {k: v for k, v in sd.items() if "lora_" in k}
         return WeightUpdate(version, sd, adapter_only=bool(self.job.lora))
 
-    # --- NCCL push into vLLM engines (--vllm_weight_sync nccl; see engines/vllm_nccl.py) -------------
-    def nccl_open(self, master_address: str, master_port: int, world_size: int) -> None:
-        """Rank 0 joins the sync group as its sender (blocks until every engine worker joins)."""
-        from coati_ray.engines.vllm_nccl import NcclSender
-
-        if self.rank == 0:
-            self._nccl = NcclSender(master_address, master_port, world_size)
-
-    def nccl_gather(self, version: int) -> dict | None:
-        """Gather the full weights (every rank); rank 0 keeps them and returns what engines must allocate."""
-        from coati_ray.engines.vllm_backend import _hf_name
-        from coati_ray.engines.vllm_nccl import meta_of
-
-        sd, _ = self.strategy.state_dicts(self.model, None)
-        self.version = version
-        if self.rank != 0:
-            return None
-        self._nccl_pending = sd
-        return meta_of(sd, _hf_name).as_update_info()
-
-    def nccl_broadcast(self) -> None:
-        """Rank 0 sends the gathered weights; the engines receive them in the same call order."""
-        sd, self._nccl_pending = self._nccl_pending, None
-        self._nccl.send(sd)
+    def run(self, fn, *args):
+        """`fn(self, *args)` on this rank: a weight-sync transport's trainer side (coati_ray/sync/)."""
+        return fn(self, *args)
 
     @torch.no_grad()
     def score_log_probs(self, exp, rows: int = 2) -> torch.Tensor:
@@ -175,4 +157,4 @@ class PolicyWorker(PPOTrainerBase):
         self.model.eval()
         e = exp.select(list(range(min(rows, exp.size)))).to(self.device)
         return (action_log_probs(self.model, e.sequences, e.attention_mask, e.num_actions,
-                                 self.job.ppo.temperature) * e.action_mask).cpu()
+                                 self.job.temperature) * e.action_mask).cpu()

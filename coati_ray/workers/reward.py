@@ -9,8 +9,8 @@ from coati_ray.experience import Experience
 
 class RewardWorker:
     def __init__(self, model_path: str, family: str = "auto", dtype: str = "fp32", num_threads: int = 1):
-        from coati_ray.runtime import quiet_libraries
         from coati_ray.models.loading import load_tokenizer, load_value_model
+        from coati_ray.runtime import quiet_libraries
 
         quiet_libraries()
         torch.set_num_threads(max(1, num_threads))

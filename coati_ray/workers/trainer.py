@@ -11,31 +11,24 @@ trainers see, and with loss normalised by the global count the two give the same
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
-import shutil
-import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from coati_ray.config import (
     PRESET_LR,
     PRETRAINED_LR,
-    DataArgs,
+    FileDataArgs,
     ModelArgs,
     RMArgs,
     TrainArgs,
 )
 from coati_ray.engines.strategy import make_strategy
-from coati_ray.models.lora import is_peft
+from coati_ray.workers.rank import RankWorker
 from coati_ray.workers.tasks import RMTask, SFTTask, Task
 
 logger = logging.getLogger(__name__)
@@ -50,7 +43,7 @@ class TrainJob:
     train_file: str
     eval_file: str | None
     model: ModelArgs
-    data: DataArgs
+    data: FileDataArgs  # SFTDataArgs (sft) or PairDataArgs (rm)
     train: TrainArgs
     rm: RMArgs | None = None
     is_preset: bool = True  # picks the default learning rate
@@ -70,44 +63,12 @@ class SetupInfo:
     lr: float
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-class TrainerWorker:
-    def __init__(self, rank: int, world_size: int, num_threads: int = 1):
-        from coati_ray.runtime import quiet_libraries
-
-        quiet_libraries()
-        self.rank, self.world_size = rank, world_size
-        torch.set_num_threads(max(1, num_threads))
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.step = 0
-
+class TrainerWorker(RankWorker):
     # --- process group ------------------------------------------------------------------------
-    def node_id(self) -> str:
-        from coati_ray.runtime import current_node_id
-
-        return current_node_id()
-
-    def master_address(self) -> tuple[str, int]:
-        """Called on rank 0: an address and free port for the rendezvous."""
-        import ray
-
-        return ray.util.get_node_ip_address(), free_port()
-
-    def init_process_group(self, addr: str, port: int, backend: str | None = None) -> None:
-        if self.world_size == 1 or dist.is_initialized():
-            return
-        backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
-                                world_size=self.world_size)
-
     # --- setup ----------------------------------------------------------------------------------
     def setup(self, job: TrainJob) -> SetupInfo:
         self.job, ta = job, job.train
+        self.stage, self.dtype = job.stage, job.model.dtype
         random.seed(ta.seed)
         torch.manual_seed(ta.seed)
         task_cls = SFTTask if job.stage == "sft" else RMTask
@@ -159,16 +120,6 @@ class TrainerWorker:
             slot = j * self.world_size + self.rank
             out.append(order[slot * self.micro:(slot + 1) * self.micro])
         return out
-
-    def _autocast(self):
-        enabled = self.job.model.dtype == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-    def _all_reduce(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(t)
-        return t.tolist()
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the global batch; metrics are the same on every rank."""
@@ -225,12 +176,6 @@ class TrainerWorker:
         reduced = self._all_reduce([sums.get(k, 0.0) for k in keys])
         return self.task.finish_eval(dict(zip(keys, reduced)))
 
-    def _all_reduce_max(self, x: int) -> float:
-        t = torch.tensor([float(x)], device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-
     # --- saving ---------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
         """A fresh, unwrapped copy of the trained model's structure (what saving loads into)."""
@@ -240,74 +185,3 @@ class TrainerWorker:
     def tokenizer(self):
         return self.task.tokenizer
 
-    def save_model(self, path: str, merge_lora: bool = False) -> None:
-        """Write the trained model as an HF directory (rank 0 writes; every rank must call)."""
-        model_sd, _ = self.strategy.state_dicts(self.model, None)
-        if self.rank == 0:
-            with torch.random.fork_rng(devices=[]):  # building must not move the training RNG
-                model = self.build_model()  # a plain CPU copy with the same structure
-            model.load_state_dict(model_sd)
-            if is_peft(model) and merge_lora:
-                model = model.merge_and_unload()
-            # Write beside, then move file by file: `path` may also hold checkpoints/ and logs.
-            out = Path(path)
-            tmp = out / ".tmp_model"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            model.save_pretrained(str(tmp))
-            self.tokenizer.save_pretrained(str(tmp))
-            for f in tmp.iterdir():
-                os.replace(f, out / f.name)
-            tmp.rmdir()
-        self.barrier()
-
-    def save_checkpoint(self, path: str, extra: dict[str, Any]) -> None:
-        """A resumable checkpoint: model, optimizer, scheduler, step, and every rank's RNG state."""
-        model_sd, optim_sd = self.strategy.state_dicts(self.model, self.optimizer)
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        rngs: list[Any] = [None] * self.world_size
-        if self.world_size > 1:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if self.rank == 0:
-            tmp = Path(path + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
-                        "rng": rngs}, tmp / "state.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world_size,
-                                                                "stage": self.job.stage, **extra}, indent=1))
-            if Path(path).exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)  # the previous checkpoint stays valid until this rename
-        self.barrier()
-
-    def load_checkpoint(self, path: str) -> dict[str, Any]:
-        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
-        meta = json.loads((Path(path) / "trainer_state.json").read_text())
-        self.strategy.load_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = meta["step"]
-        rngs = state["rng"]
-        if len(rngs) == self.world_size:  # same layout: each rank continues its own stream
-            random.setstate(rngs[self.rank]["python"])
-            torch.set_rng_state(rngs[self.rank]["torch"])
-        self.barrier()
-        return meta
-
-    def peak_memory_mb(self) -> float:
-        """Peak resident memory of this process (Linux ru_maxrss is in KiB)."""
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def shutdown(self) -> None:
-        if getattr(self, "strategy", None) is not None:
-            self.strategy.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()

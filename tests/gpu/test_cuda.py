@@ -22,7 +22,7 @@ def nccl_group():
     """A one-rank NCCL group on cuda:0: the collectives our strategies call run through NCCL."""
     import torch.distributed as dist
 
-    from coati_ray.workers.trainer import free_port
+    from coati_ray.workers.rank import free_port
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield dist
@@ -74,10 +74,10 @@ def test_bf16_autocast_trains_close_to_fp32(nccl_group, micro_model):
 
 
 def test_sft_in_a_gpu_trainer_actor(ray_cluster, tmp_path):
-    from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, TrainArgs
+    from coati_ray.config import ClusterArgs, ModelArgs, SFTDataArgs, TrainArgs
     from coati_ray.pipelines.supervised import run_training
 
-    out = run_training("sft", ModelArgs(preset_size="micro", dtype="bf16"), DataArgs(max_samples=400),
+    out = run_training("sft", ModelArgs(preset_size="micro", dtype="bf16"), SFTDataArgs(max_samples=400),
                        TrainArgs(batch_size=16, max_steps=12, lr=3e-3, save_path=str(tmp_path), log_interval=1000),
                        ClusterArgs(trainers=1, gpus_per_trainer=1), progress=False)
     losses = [m["train/loss"] for m in out.history]
@@ -86,22 +86,18 @@ def test_sft_in_a_gpu_trainer_actor(ray_cluster, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_ppo_with_vllm_on_the_gpu(ray_cluster, tmp_path, train_micro_pair):
-    from coati_ray.config import (
-        ClusterArgs,
-        DataArgs,
-        ModelArgs,
-        PPOArgs,
-        RoleArgs,
-    )
+    from coati_ray.config import ClusterArgs
     from coati_ray.pipelines.ppo import run_ppo
+    from coati_ray.ppo_config import PPOConfig
 
     cl = ClusterArgs(trainers=1, gpus_per_trainer=0.2)
     sft, rm = train_micro_pair(tmp_path, sft_samples=400, cluster=cl)
-    args = PPOArgs(rm_path=rm, generator_backend="vllm", vllm_gpu_memory_utilization=0.2,
-                   experience_batch_size=16, train_batch_size=8, max_new_tokens=16, lr=1e-3, max_steps=3,
-                   sync_check_interval=1, save_path=str(tmp_path / "ppo"))
-    roles = RoleArgs(actors=1, generator_gpus=0.2, reference_gpus=0.1, reward_gpus=0.1, critic_gpus=0.2)
-    out = run_ppo(ModelArgs(pretrain=sft), DataArgs(), args, roles, cl, progress=False)
+    cfg = PPOConfig.of(pretrain=sft, rm_path=rm, generator_backend="vllm", vllm_gpu_memory_utilization=0.2,
+                       experience_batch_size=16, train_batch_size=8, max_new_tokens=16, lr=1e-3, max_steps=3,
+                       sync_check_interval=1, save_path=str(tmp_path / "ppo"), actors=1, generator_gpus=0.2,
+                       reference_gpus=0.1, reward_gpus=0.1, critic_gpus=0.2)
+    cfg.cluster = cl
+    out = run_ppo(cfg, progress=False)
     assert len(out.history) == 3
     assert max(m["sync/logprob_max_diff"] for m in out.history) < 1e-3  # fp32 on GPU kernels (TF32 off)
     assert [set(v) for v in out.trained_versions] == [{0}, {1}, {2}]
@@ -110,20 +106,14 @@ def test_ppo_with_vllm_on_the_gpu(ray_cluster, tmp_path, train_micro_pair):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None or torch.cuda.device_count() < 2,
                     reason="needs vLLM and 2 GPUs (NCCL refuses two ranks on one GPU)")
 def test_ppo_with_nccl_weight_sync_into_vllm(ray_cluster, tmp_path, train_micro_pair):
-    from coati_ray.config import (
-        ClusterArgs,
-        DataArgs,
-        ModelArgs,
-        PPOArgs,
-        RoleArgs,
-    )
     from coati_ray.pipelines.ppo import run_ppo
+    from coati_ray.ppo_config import PPOConfig
 
     sft, rm = train_micro_pair(tmp_path, sft_samples=400)
-    args = PPOArgs(rm_path=rm, generator_backend="vllm", vllm_weight_sync="nccl",
-                   vllm_gpu_memory_utilization=0.3, experience_batch_size=16, train_batch_size=8, max_new_tokens=16,
-                   lr=1e-3, max_steps=3, sync_check_interval=1, save_path=str(tmp_path / "ppo"))
-    out = run_ppo(ModelArgs(pretrain=sft), DataArgs(), args, RoleArgs(actors=1, generator_gpus=1),
-                  ClusterArgs(trainers=1, gpus_per_trainer=1), progress=False)
+    cfg = PPOConfig.of(pretrain=sft, rm_path=rm, generator_backend="vllm", vllm_weight_sync="nccl",
+                       vllm_gpu_memory_utilization=0.3, experience_batch_size=16, train_batch_size=8,
+                       max_new_tokens=16, lr=1e-3, max_steps=3, sync_check_interval=1, save_path=str(tmp_path / "ppo"),
+                       actors=1, generator_gpus=1, trainers=1, gpus_per_trainer=1)
+    out = run_ppo(cfg, progress=False)
     assert max(m["sync/logprob_max_diff"] for m in out.history) < 1e-3  # the broadcast landed in the engine
     assert [set(v) for v in out.trained_versions] == [{0}, {1}, {2}]

@@ -9,35 +9,22 @@ import pickle
 
 import pytest
 import torch
+from helpers import rollout
 
-from coati_ray.config import DataArgs, ModelArgs, PPOArgs
-from coati_ray.data.formatting import render_prompt
-from coati_ray.engines.generation import SamplingParams, WeightUpdate, make_backend
-from coati_ray.experience import Experience
-from coati_ray.workers.job import PPOJob
+from coati_ray.config import ModelArgs, PromptDataArgs
+from coati_ray.engines.backends import make_backend
+from coati_ray.engines.generation import WeightUpdate
+from coati_ray.ppo_config import ObjectiveArgs
+from coati_ray.workers.job import PolicyJob, UpdateSpec
 from coati_ray.workers.policy import PolicyWorker
 
 TOL = 1e-5  # max |log-prob difference| allowed between generator and trainer (float32 noise is ~1e-6)
 
 
-def make_job(micro_model, demo_dir, lora_rank=0):
-    return PPOJob(micro_model, micro_model, None, str(demo_dir / "prompts_train.jsonl"), None,
-                  ModelArgs(pretrain=micro_model, lora_rank=lora_rank), DataArgs(), PPOArgs())
-
-
-def rollout(backend, tokenizer) -> Experience:
-    texts = ["Tom has 3 apples and gets 4 more. How many?", "小明有5个苹果。"]
-    prompts = [tokenizer(render_prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in texts]
-    out = backend.generate(prompts, SamplingParams(max_new_tokens=8, seed=0))
-    P, A = max(map(len, prompts)), max(len(g.token_ids) for g in out)
-    seq = torch.full((2, P + A), tokenizer.pad_token_id)
-    mask, amask = torch.zeros_like(seq), torch.zeros(2, A)
-    for i, (p, g) in enumerate(zip(prompts, out)):
-        seq[i, P - len(p):P], mask[i, P - len(p):P] = torch.tensor(p), 1
-        seq[i, P:P + len(g.token_ids)], mask[i, P:P + len(g.token_ids)] = torch.tensor(g.token_ids), 1
-        amask[i, :len(g.token_ids)] = 1
-    z = torch.zeros(2)
-    return Experience(seq, mask, amask, torch.zeros(2, A), z, torch.arange(2), z.long(), z.long())
+def make_job(micro_model, lora_rank=0) -> PolicyJob:
+    update = UpdateSpec("ddp", lr=1e-6, grad_clip=1.0, train_batch_size=16, max_epochs=1, seed=42)
+    return PolicyJob(model=ModelArgs(pretrain=micro_model, lora_rank=lora_rank), policy_path=micro_model, update=update,
+                     objective=ObjectiveArgs(), temperature=1.0, pretrain_file=None, data=PromptDataArgs())
 
 
 def through_store(update: WeightUpdate) -> WeightUpdate:
@@ -57,11 +44,11 @@ def perturb_trainable(worker: PolicyWorker) -> None:
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_after_a_sync_generator_and_trainer_log_probs_agree(micro_model, demo_dir, tokenizer, lora_rank):
-    job = make_job(micro_model, demo_dir, lora_rank)
+    job = make_job(micro_model, lora_rank)
     trainer = PolicyWorker(0, 1)
-    trainer.setup_ppo(job)
+    trainer.setup(job)
     gen = make_backend("hf", micro_model, "auto", "fp32", job.lora, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                       torch.device("cpu"), job.ppo.seed)
+                       torch.device("cpu"), job.update.seed)
     exp = rollout(gen, tokenizer)
     before = gen.log_probs(exp.sequences, exp.attention_mask, exp.num_actions)
     perturb_trainable(trainer)
@@ -75,9 +62,9 @@ def test_after_a_sync_generator_and_trainer_log_probs_agree(micro_model, demo_di
 
 def test_lora_update_carries_only_adapter_tensors(micro_model, demo_dir):
     trainer = PolicyWorker(0, 1)
-    trainer.setup_ppo(make_job(micro_model, demo_dir, lora_rank=4))
+    trainer.setup(make_job(micro_model, lora_rank=4))
     full = PolicyWorker(0, 1)
-    full.setup_ppo(make_job(micro_model, demo_dir))
+    full.setup(make_job(micro_model))
     lora_update, full_update = trainer.publish(1), full.publish(1)
     lora_names = {n for n, p in trainer.model.named_parameters() if "lora_" in n}
     assert lora_update.adapter_only and not full_update.adapter_only
@@ -106,15 +93,21 @@ def test_weight_update_travels_out_of_band_and_keeps_dtype_and_shape():
 
 
 def test_nccl_sync_group_ranks_put_the_trainer_first_and_engines_after_it():
-    from coati_ray.engines.vllm_nccl import engine_ranks
+    from coati_ray.sync.nccl import engine_ranks
 
     assert engine_ranks([1, 1, 1]) == ([1, 2, 3], 4)
     assert engine_ranks([2, 4]) == ([1, 3], 7)  # each engine's tp workers take consecutive ranks
 
 
-def test_nccl_weight_sync_needs_the_vllm_backend():
-    from coati_ray.config import PPOArgs
+def test_nccl_weight_sync_needs_the_vllm_backend_and_full_weights():
     from coati_ray.errors import ConfigError
+    from coati_ray.ppo_config import PPOConfig
 
     with pytest.raises(ConfigError, match="--vllm_weight_sync: nccl is for the vllm generator backend"):
-        PPOArgs(vllm_weight_sync="nccl").validate()
+        PPOConfig.of(vllm_weight_sync="nccl").validate()
+    with pytest.raises(ConfigError, match="--vllm_weight_sync: LoRA runs sync through the object store"):
+        PPOConfig.of(vllm_weight_sync="nccl", generator_backend="vllm", lora_rank=4).validate()
+    PPOConfig.of(vllm_weight_sync="nccl", generator_backend="vllm").validate()
+    expected = "--vllm_weight_sync: unknown transport 'ipc'; expected one of object_store, nccl"
+    with pytest.raises(ConfigError, match=expected):
+        PPOConfig.of(vllm_weight_sync="ipc").validate()

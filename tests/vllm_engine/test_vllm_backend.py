@@ -194,12 +194,17 @@ def test_scoring_at_another_temperature_is_refused(engine):
         engine.log_probs(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long), 2, temperature=0.7)
 
 
-def test_nccl_weight_sync_is_refused_where_it_cannot_run(micro_model, tokenizer):
-    """On CPU (and with LoRA) the NCCL push is refused before any engine starts, naming the flag."""
+def test_nccl_weight_sync_is_refused_where_it_cannot_run(engine):
+    """On CPU the NCCL transport's engine side refuses to join, naming the flag, before any group forms."""
     from coati_ray.errors import ConfigError
+    from coati_ray.sync.nccl import _engine_join
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+
+    class Holder:  # what the transport reads of a GeneratorWorker: its backend
+        backend = engine
+
     with pytest.raises(ConfigError, match="--vllm_weight_sync: nccl needs CUDA"):
-        VLLMBackend(micro_model, "fp32", None, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=0,
-                    max_model_len=256, weight_sync="nccl")
+        _engine_join(Holder, "127.0.0.1", 1, 1, 2)
+

@@ -1,0 +1,151 @@
+"""One rank of a trainer group, whatever it trains: process group, collectives, autocast, and
+model / checkpoint I/O. The SFT/RM trainer (`trainer.py`) and the PPO policy and critic
+(`policy.py`, `critic.py`) build on it; none inherits another stage's training methods.
+
+A subclass sets `model`, `optimizer`, `scheduler`, `strategy`, `dtype` and `stage` in its setup,
+and implements `build_model()` (a fresh unwrapped copy, what saving loads into) and `tokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from coati_ray.models.lora import is_peft
+from coati_ray.runtime import process_group_backend
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class RankWorker:
+    stage = "train"  # recorded in checkpoints
+    dtype = "fp32"  # "bf16": autocast compute
+
+    def __init__(self, rank: int, world_size: int, num_threads: int = 1):
+        from coati_ray.runtime import quiet_libraries
+
+        quiet_libraries()
+        self.rank, self.world_size = rank, world_size
+        torch.set_num_threads(max(1, num_threads))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.step = 0
+        self.strategy = None
+
+    def node_id(self) -> str:
+        from coati_ray.runtime import current_node_id
+
+        return current_node_id()
+
+    def master_address(self) -> tuple[str, int]:
+        """Called on rank 0: an address and free port for the rendezvous."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def init_process_group(self, addr: str, port: int, backend: str | None = None) -> None:
+        if self.world_size == 1 or dist.is_initialized():
+            return
+        backend = backend or process_group_backend(self.device)
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
+                                world_size=self.world_size)
+
+    def _autocast(self):
+        enabled = self.dtype == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def _all_reduce_max(self, x: int) -> float:
+        t = torch.tensor([float(x)], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def save_model(self, path: str, merge_lora: bool = False) -> None:
+        """Write the trained model as an HF directory (rank 0 writes; every rank must call)."""
+        model_sd, _ = self.strategy.state_dicts(self.model, None)
+        if self.rank == 0:
+            with torch.random.fork_rng(devices=[]):  # building must not move the training RNG
+                model = self.build_model()  # a plain CPU copy with the same structure
+            model.load_state_dict(model_sd)
+            if is_peft(model) and merge_lora:
+                model = model.merge_and_unload()
+            # Write beside, then move file by file: `path` may also hold checkpoints/ and logs.
+            out = Path(path)
+            tmp = out / ".tmp_model"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            model.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+        self.barrier()
+
+    def save_checkpoint(self, path: str, extra: dict[str, Any]) -> None:
+        """A resumable checkpoint: model, optimizer, scheduler, step, and every rank's RNG state."""
+        model_sd, optim_sd = self.strategy.state_dicts(self.model, self.optimizer)
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        rngs: list[Any] = [None] * self.world_size
+        if self.world_size > 1:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if self.rank == 0:
+            tmp = Path(path + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                        "rng": rngs}, tmp / "state.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world_size,
+                                                                "stage": self.stage, **extra}, indent=1))
+            if Path(path).exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)  # the previous checkpoint stays valid until this rename
+        self.barrier()
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+        meta = json.loads((Path(path) / "trainer_state.json").read_text())
+        self.strategy.load_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = meta["step"]
+        rngs = state["rng"]
+        if len(rngs) == self.world_size:  # same layout: each rank continues its own stream
+            random.setstate(rngs[self.rank]["python"])
+            torch.set_rng_state(rngs[self.rank]["torch"])
+        self.barrier()
+        return meta
+
+    def peak_memory_mb(self) -> float:
+        """Peak resident memory of this process (Linux ru_maxrss is in KiB)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        if getattr(self, "strategy", None) is not None:
+            self.strategy.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
