@@ -4,7 +4,7 @@ Importing the package pulls in no heavy optional engine (vllm, colossalai, gptqm
 those load lazily inside their backends.
 """
 
-from coati_ray.errors import CoatiError, ConfigError, DataError, ModelLoadError, MissingExtraError
+from coati_ray.errors import CoatiError, ConfigError, DataError, MissingExtraError, ModelLoadError
 
 __version__ = "0.1.0"
 

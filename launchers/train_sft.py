@@ -11,13 +11,13 @@ Flags: `python launchers/train_sft.py --help`.
 import sys
 
 from coati_ray.cli import parse, run_main, setup_logging
-from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, TrainArgs
+from coati_ray.config import ClusterArgs, ModelArgs, SFTDataArgs, TrainArgs
 
 
 def main(argv=None):
     setup_logging()
-    (model, data, train, cluster), extra = parse([ModelArgs, DataArgs, TrainArgs, ClusterArgs], argv,
-                                                 "Stage 1 (SFT) of coati_ray.")
+    (model, data, train, cluster), extra = parse([ModelArgs, SFTDataArgs, TrainArgs, ClusterArgs], argv,
+                                                 "Stage 1 (SFT) of coati_ray.", local_flag=True)
     from coati_ray.pipelines.supervised import run_training
 
     result = run_training("sft", model, data, train, cluster, local=extra.local)

@@ -65,14 +65,15 @@ class GenActor:
 def part_a(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     import ray
 
-    from coati_ray.runtime import start_actor
     from coati_ray.data.formatting import render_prompt
     from coati_ray.defaults import default_model_dir, demo_file
     from coati_ray.models.loading import load_causal_lm, load_tokenizer
+    from coati_ray.runtime import start_actor
 
     path = str(default_model_dir("llama", "tiny"))
     tok = load_tokenizer(path)
-    rows = [json.loads(line) for line in Path(demo_file("prompts_train.jsonl")).read_text().splitlines()[:args.gen_batch]]
+    lines = Path(demo_file("prompts_train.jsonl")).read_text().splitlines()[:args.gen_batch]
+    rows = [json.loads(line) for line in lines]
     prompts = [tok(render_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows]
     model = load_causal_lm(path).eval()
     ids, mask = _left_pad(prompts, tok.pad_token_id)
@@ -118,17 +119,17 @@ def part_a(args: argparse.Namespace, threads: int) -> dict[str, Any]:
 
 
 def _ppo_run(args: argparse.Namespace, gens: int) -> list[dict[str, float]]:
-    from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, PPOArgs, RoleArgs
     from coati_ray.defaults import default_model_dir
     from coati_ray.pipelines.ppo import run_ppo
+    from coati_ray.ppo_config import PPOConfig
 
     path = str(default_model_dir("llama", "tiny"))
     with tempfile.TemporaryDirectory(prefix="coati_bench_ppo-") as save:
-        ppo = PPOArgs(rm_path=path, experience_batch_size=args.ppo_batch, train_batch_size=args.ppo_train_batch,
-                      max_steps=args.ppo_steps, max_new_tokens=args.ppo_tokens, save_path=save,
-                      sync_check_interval=0, log_interval=10 ** 6)  # no sync checks, one metrics line
-        return run_ppo(ModelArgs(pretrain=path), DataArgs(), ppo, RoleArgs(actors=gens), ClusterArgs(trainers=1),
-                       progress=False).history
+        cfg = PPOConfig.of(pretrain=path, rm_path=path, experience_batch_size=args.ppo_batch,
+                           train_batch_size=args.ppo_train_batch, max_steps=args.ppo_steps,
+                           max_new_tokens=args.ppo_tokens, save_path=save, actors=gens, trainers=1,
+                           sync_check_interval=0, log_interval=10 ** 6)  # no sync checks, one metrics line
+        return run_ppo(cfg, progress=False).history
 
 
 PHASES = {"generate": ("timing/generate",), "score": ("timing/score", "timing/values"),
@@ -146,7 +147,8 @@ def part_bc(args: argparse.Namespace, gen_counts: list[int], do_b: bool, do_c: b
         b = {str(g): {"samples_per_s": med([m["perf/samples_per_s"] for m in s]),
                       "step_s": med([m["timing/step"] for m in s]), "steps": len(s)} for g, s in steps.items()}
         base = b[str(gen_counts[0])]["samples_per_s"]
-        print(f"\n(b) PPO samples/s, tiny policy + RM, {args.ppo_batch} prompts x {args.ppo_tokens} new tokens per step, "
+        print(f"\n(b) PPO samples/s, tiny policy + RM, {args.ppo_batch} prompts x {args.ppo_tokens} new tokens "
+              "per step, "
               f"median of steps 2..{args.ppo_steps} over {args.ppo_repeats} interleaved repeat(s)")
         print(f"    NB: {os.cpu_count()} CPU cores: the generators (and reference, reward, critic, trainer actors) "
               "share the same cores")
@@ -299,9 +301,9 @@ def main() -> None:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
-    from coati_ray.runtime import quiet_libraries, setup_logging
     from coati_ray.cluster.ray_env import init_ray
     from coati_ray.defaults import default_model_dir, demo_data_dir
+    from coati_ray.runtime import quiet_libraries, setup_logging
 
     setup_logging()
     quiet_libraries()

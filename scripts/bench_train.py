@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _job(args, strategy: str, trainers: int, total: int | None = None):
-    from coati_ray.config import DataArgs, ModelArgs, TrainArgs
+    from coati_ray.config import ModelArgs, SFTDataArgs, TrainArgs
     from coati_ray.pipelines.supervised import make_job
 
     ta = TrainArgs(strategy=strategy, batch_size=args.batch_size, max_epochs=1000, max_steps=total,
                    save_path="/tmp/coati_bench", warmup_ratio=0.0)
     return make_job("sft", ModelArgs(pretrain=args.pretrain, preset_size=args.size),
-                    DataArgs(max_samples=args.samples, max_len=args.max_len), ta, None)
+                    SFTDataArgs(max_samples=args.samples, max_len=args.max_len), ta, None)
 
 
 def plain_loop(args, conn) -> None:

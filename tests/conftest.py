@@ -67,15 +67,15 @@ def pytest_collection_modifyitems(config, items):
 def _train_micro_pair(root, sft_samples: int | None = None, sft_epochs: int = 1, rm_samples: int = 400,
                       cluster=None) -> tuple[str, str]:
     """A micro SFT policy and a reward model trained from it, under `root`: (sft dir, rm dir)."""
-    from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, RMArgs, TrainArgs
+    from coati_ray.config import ClusterArgs, ModelArgs, PairDataArgs, RMArgs, SFTDataArgs, TrainArgs
     from coati_ray.pipelines.supervised import run_training
 
     cluster = cluster or ClusterArgs(trainers=1)
     sft, rm = str(root / "sft"), str(root / "rm")
-    run_training("sft", ModelArgs(preset_size="micro"), DataArgs(max_samples=sft_samples),
+    run_training("sft", ModelArgs(preset_size="micro"), SFTDataArgs(max_samples=sft_samples),
                  TrainArgs(batch_size=16, max_epochs=sft_epochs, lr=3e-3, save_path=sft, log_interval=1000),
                  cluster, progress=False)
-    run_training("rm", ModelArgs(pretrain=sft), DataArgs(max_samples=rm_samples),
+    run_training("rm", ModelArgs(pretrain=sft), PairDataArgs(max_samples=rm_samples),
                  TrainArgs(batch_size=16, max_epochs=1, lr=1e-3, save_path=rm, log_interval=1000),
                  cluster, RMArgs(), progress=False)
     return sft, rm

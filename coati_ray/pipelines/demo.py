@@ -19,73 +19,62 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coati_ray.config import ClusterArgs, DataArgs, ModelArgs, PPOArgs, RMArgs, RoleArgs, TrainArgs
-from coati_ray.defaults import demo_file
-from coati_ray.evaluation.gold import evaluate_gold
-from coati_ray.models.loading import load_causal_lm, load_tokenizer
-from coati_ray.pipelines.supervised import run_training
+from coati_ray.config import ClusterArgs, _at_least, _help, _positive_or_none
+from coati_ray.pipelines.demo_models import DemoRecipeArgs, train_stage12
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DemoArgs:
-    out: str = "outputs/demo"
-    preset_size: str = "tiny"
-    trainers: int = 1
-    actors: int = 1
-    strategy: str = "ddp"
-    sft_epochs: int = 3
-    rm_epochs: int = 2
-    sft_lr: float = 5e-4
-    rm_lr: float = 2e-4
-    batch_size: int = 16
-    ppo_steps: int = 30
-    ppo_lr: float = 2e-5
-    critic_lr: float = 1e-4
-    seed: int = 42
-    eval_prompts: int = 200
-    address: str | None = None
+class DemoArgs(DemoRecipeArgs):
+    """The demo's flags: the recipe's steps 1-2 (`DemoRecipeArgs`), PPO, evaluation and where it runs."""
+
+    out: str = _help("Output directory (sft/, rm/, ppo/, demo_summary.json).", default="outputs/demo")
+    trainers: int = _help("Trainer actors of every stage (one torch.distributed group).", default=1)
+    actors: int = _help("PPO generator actors.", default=1)
+    ppo_steps: int = _help("PPO steps.", default=30)
+    ppo_lr: float = _help("PPO policy learning rate.", default=2e-5)
+    critic_lr: float = _help("PPO critic learning rate.", default=1e-4)
+    eval_prompts: int = _help("Held-out prompts the SFT and PPO policies are gold-scored on.", default=200)
+    address: str | None = _help("Ray cluster to join (e.g. 'auto'); default: an embedded local Ray.",
+                                   default=None)
+
+    def validate(self) -> None:
+        DemoRecipeArgs.validate(self)
+        for name in ("trainers", "actors", "ppo_steps", "eval_prompts"):
+            _at_least(self, 1, name)
+        for name in ("ppo_lr", "critic_lr"):
+            _positive_or_none(self, name)
 
 
 def held_out_prompts(n: int) -> list[str]:
+    from coati_ray.defaults import demo_file
+
     lines = Path(demo_file("prompts_eval.jsonl")).read_text(encoding="utf-8").splitlines()
     return [json.loads(l)["prompt"] for l in lines[:n]]
 
 
-def train_stage12(a: DemoArgs, out: Path, cluster: ClusterArgs) -> dict:
-    """Steps 1-2 of the recipe into out/sft and out/rm; returns their results."""
-    def ta(path: str, epochs: int, lr: float) -> TrainArgs:
-        return TrainArgs(strategy=a.strategy, batch_size=a.batch_size, max_epochs=epochs, lr=lr, log_interval=50,
-                         save_path=str(out / path), seed=a.seed)
-
-    t0 = time.perf_counter()
-    sft = run_training("sft", ModelArgs(preset_size=a.preset_size), DataArgs(), ta("sft", a.sft_epochs, a.sft_lr),
-                       cluster)
-    t_sft = time.perf_counter() - t0
-    rm = run_training("rm", ModelArgs(pretrain=str(out / "sft")), DataArgs(), ta("rm", a.rm_epochs, a.rm_lr),
-                      cluster, rm=RMArgs())
-    return {"sft": sft, "rm": rm, "t_sft": t_sft, "t_rm": time.perf_counter() - t0 - t_sft}
-
-
 def run_demo(a: DemoArgs) -> dict:
+    from coati_ray.evaluation.gold import evaluate_gold
+    from coati_ray.models.loading import load_causal_lm, load_tokenizer
     from coati_ray.pipelines.ppo import run_ppo
+    from coati_ray.ppo_config import PPOConfig
 
+    a.validate()
     t0 = time.perf_counter()
     out = Path(a.out)
     cluster = ClusterArgs(trainers=a.trainers, address=a.address)
     st = train_stage12(a, out, cluster)
     t1 = time.perf_counter()
-    ppo = run_ppo(ModelArgs(pretrain=str(out / "sft")), DataArgs(),
-                  PPOArgs(rm_path=str(out / "rm"), strategy=a.strategy, max_steps=a.ppo_steps, lr=a.ppo_lr,
-                          critic_lr=a.critic_lr, experience_batch_size=32, train_batch_size=16 // a.trainers or 1,
-                          max_new_tokens=32, seed=a.seed, save_path=str(out / "ppo"), log_interval=5),
-                  RoleArgs(actors=a.actors), ClusterArgs(trainers=a.trainers, address=a.address))
+    ppo = run_ppo(PPOConfig.of(
+        pretrain=str(out / "sft"), rm_path=str(out / "rm"), strategy=a.strategy, max_steps=a.ppo_steps, lr=a.ppo_lr,
+        critic_lr=a.critic_lr, experience_batch_size=32, train_batch_size=16 // a.trainers or 1, max_new_tokens=32,
+        seed=a.seed, save_path=str(out / "ppo"), log_interval=5, actors=a.actors, trainers=a.trainers,
+        address=a.address))
     t_ppo = time.perf_counter() - t1
     prompts = held_out_prompts(a.eval_prompts)
     tok = load_tokenizer(str(out / "sft"))
@@ -109,25 +98,3 @@ def run_demo(a: DemoArgs) -> dict:
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1))
     return summary
-
-
-def _preset_path(size: str) -> str:
-    from coati_ray.models.loading import resolve_model_path
-
-    return resolve_model_path(None, "llama", size)
-
-
-def ensure_demo_models(preset_size: str = "tiny", cluster: ClusterArgs | None = None) -> dict[str, str]:
-    """The demo SFT policy and reward model (recipe steps 1-2) under the cache, trained first if missing."""
-    from coati_ray.defaults import _build_once, cache_dir
-
-    root = cache_dir() / "demo_models" / preset_size
-
-    def build(tmp: Path) -> None:
-        logger.info("training the demo SFT and reward models once (about 5 minutes on 2 cores) into %s", root)
-        train_stage12(DemoArgs(preset_size=preset_size), tmp, cluster or ClusterArgs())
-        for sub in ("sft", "rm"):
-            shutil.rmtree(tmp / sub / "checkpoints", ignore_errors=True)
-
-    _build_once(root, build)
-    return {"sft": str(root / "sft"), "rm": str(root / "rm")}

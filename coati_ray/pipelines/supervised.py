@@ -22,9 +22,11 @@ from coati_ray.cluster.group import TrainerGroup
 from coati_ray.cluster.ray_env import init_ray
 from coati_ray.config import (
     ClusterArgs,
-    DataArgs,
+    FileDataArgs,
     ModelArgs,
+    PairDataArgs,
     RMArgs,
+    SFTDataArgs,
     TrainArgs,
     validate_all,
 )
@@ -36,6 +38,7 @@ from coati_ray.workers.trainer import SetupInfo, TrainJob
 logger = logging.getLogger(__name__)
 
 DEMO_FILES = {"sft": ("sft_train.json", "sft_eval.jsonl"), "rm": ("rm_train.jsonl", "rm_eval.jsonl")}
+DATA_ARGS: dict[str, type[FileDataArgs]] = {"sft": SFTDataArgs, "rm": PairDataArgs}  # what each stage reads
 
 
 @dataclass
@@ -68,7 +71,9 @@ def resume_checkpoint(resume: str, save_path: str, marker: str = "trainer_state.
     return resume
 
 
-def make_job(stage: str, model: ModelArgs, data: DataArgs, train: TrainArgs, rm: RMArgs | None) -> TrainJob:
+def make_job(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainArgs, rm: RMArgs | None) -> TrainJob:
+    if not isinstance(data, DATA_ARGS[stage]):  # the other stage's columns would be silently ignored
+        raise TypeError(f"stage {stage!r} reads {DATA_ARGS[stage].__name__}, got {type(data).__name__}")
     model_path = resolve_model_path(model.pretrain, model.model, model.preset_size)
     # Fail here, before any actor starts, if the model is unreadable or of the wrong family.
     check_family(load_config(model_path), model.model, model_path)
@@ -82,10 +87,13 @@ def make_job(stage: str, model: ModelArgs, data: DataArgs, train: TrainArgs, rm:
     return TrainJob(stage, model_path, train_file, eval_file, model, data, train, rm, is_preset=model.pretrain is None)
 
 
-def run_training(stage: str, model: ModelArgs, data: DataArgs, train: TrainArgs, cluster: ClusterArgs,
+def run_training(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainArgs, cluster: ClusterArgs,
                  rm: RMArgs | None = None, local: bool = False, progress: bool = True) -> TrainResult:
-    """Train stage `stage` ("sft" or "rm") and save the model to `train.save_path`."""
+    """Train stage `stage` ("sft" with `SFTDataArgs`, "rm" with `PairDataArgs`) and save the model to
+    `train.save_path`."""
     validate_all(model, data, train, cluster)
+    if local and cluster.trainers != 1:
+        raise ConfigError("local", f"runs the single trainer in this process; got --trainers {cluster.trainers}")
     job = make_job(stage, model, data, train, rm)
     cpus = cluster.trainer_cpus()
     if not local:
@@ -134,7 +142,8 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: Mod
             if ta.eval_interval and step % ta.eval_interval == 0 and step < info.total_steps:
                 _evaluate(group, result, writer, step, bar)
             if ta.ckpt_interval and step % ta.ckpt_interval == 0 and step < info.total_steps:
-                group.save_checkpoint(str(save / "checkpoints" / f"step_{step}"), {"epoch": step // info.steps_per_epoch})
+                group.save_checkpoint(str(save / "checkpoints" / f"step_{step}"),
+                                      {"epoch": step // info.steps_per_epoch})
     except KeyboardInterrupt:
         # Keep what was done: a checkpoint at the last finished step, then stop.
         logger.warning("interrupted at step %d; saving a checkpoint so --resume can continue", step)
@@ -166,7 +175,8 @@ def _evaluate(group: TrainerGroup, result: TrainResult, writer, step: int, bar) 
     for k, v in ev.items():
         if k != "train/step":
             writer.add_scalar(k, v, step)
-    line = f"eval @ step {step}: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in ev.items() if k != "train/step")
+    line = f"eval @ step {step}: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in ev.items()
+                                              if k != "train/step")
     (bar.write if bar else logger.info)(line)
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coati_ray.algos.rm_loss import RM_LOSSES
-from coati_ray.config import DataArgs, ModelArgs, RMArgs
+from coati_ray.config import FileDataArgs, ModelArgs, RMArgs
 from coati_ray.data import formatting as fmt
 from coati_ray.data.loading import load_rows, pair_columns, sft_columns
 from coati_ray.errors import DataError
@@ -49,7 +49,7 @@ class Task:
     stage: str
     count_name: str  # what the loss is averaged over
 
-    def __init__(self, model_path: str, model_args: ModelArgs, data_args: DataArgs, train_file: str,
+    def __init__(self, model_path: str, model_args: ModelArgs, data_args: FileDataArgs, train_file: str,
                  eval_file: str | None, seed: int):
         self.model_path, self.model_args, self.data_args = model_path, model_args, data_args
         self.train_file, self.eval_file, self.seed = train_file, eval_file, seed

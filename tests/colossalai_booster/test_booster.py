@@ -24,11 +24,8 @@ from helpers import max_diff, weights
 pytest.importorskip("colossalai.booster")
 
 from coati_ray.config import (
-    ClusterArgs,
-    DataArgs,
     ModelArgs,
-    PPOArgs,
-    RoleArgs,
+    SFTDataArgs,
     TrainArgs,
 )
 from coati_ray.errors import ConfigError
@@ -65,7 +62,7 @@ def local_group(tmp_path, strategy, **model_kw):
     from coati_ray.pipelines.supervised import make_job
 
     ta = TrainArgs(strategy=strategy, batch_size=4, max_steps=10, save_path=str(tmp_path / "out"), warmup_ratio=0.0)
-    job = make_job("sft", ModelArgs(preset_size="micro", **model_kw), DataArgs(max_samples=100), ta, None)
+    job = make_job("sft", ModelArgs(preset_size="micro", **model_kw), SFTDataArgs(max_samples=100), ta, None)
     group = TrainerGroup(1, local=True)
     try:
         group.setup(job)
@@ -181,15 +178,15 @@ def test_ppo_policy_and_critic_on_the_hybrid_booster_match_ddp(ray_cluster, micr
     Gemini do); the generator scores with plain transformers on the weights rank 0 published."""
     from coati_ray.models.loading import load_value_model
     from coati_ray.pipelines.ppo import run_ppo
+    from coati_ray.ppo_config import PPOConfig
 
     rm = train(tmp_path, "rm", "ddp", stage="rm", local=True, accumulation=1, batch_size=8, max_steps=2)
 
     def ppo(strategy):
-        args = PPOArgs(rm_path=rm.save_path, strategy=strategy, experience_batch_size=8, train_batch_size=4,
-                       max_new_tokens=8, max_steps=2, lr=1e-3, critic_lr=1e-3, ptx_coef=0.1, sync_check_interval=1,
-                       save_path=str(tmp_path / strategy))
-        return run_ppo(ModelArgs(pretrain=micro_model), DataArgs(), args, RoleArgs(actors=1), ClusterArgs(trainers=1),
-                       progress=False)
+        cfg = PPOConfig.of(pretrain=micro_model, rm_path=rm.save_path, strategy=strategy, experience_batch_size=8,
+                           train_batch_size=4, max_new_tokens=8, max_steps=2, lr=1e-3, critic_lr=1e-3, ptx_coef=0.1,
+                           sync_check_interval=1, save_path=str(tmp_path / strategy), actors=1, trainers=1)
+        return run_ppo(cfg, progress=False)
 
     r, ref = ppo("colossalai_hybrid"), ppo("ddp")
     assert len(r.history) == len(ref.history) == 2

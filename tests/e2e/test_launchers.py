@@ -20,7 +20,8 @@ def run(script: str, *args: str, timeout: int = 300, env: dict | None = None) ->
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--strategy", "zero9"], "error: --strategy: unknown strategy 'zero9'"),
+    (["--strategy", "zero9"], "error: argument --strategy: invalid choice: 'zero9'"),  # argparse's line
+    (["--local", "--trainers", "2"], "error: --local: runs the single trainer in this process; got --trainers 2"),
     (["--pretrain", "/nonexistent/model"], "error: --pretrain /nonexistent/model: no such directory"),
     (["--batch_size", "0"], "error: --batch_size: must be >= 1"),
     (["--model", "gpt2", "--pretrain", "{micro}"], "holds a 'llama' model, not 'gpt2'"),

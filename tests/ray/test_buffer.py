@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from helpers import wait_dead
 
-from coati_ray.runtime import start_actor
-from coati_ray.config import DataArgs, ModelArgs, PPOArgs
+from coati_ray.config import ModelArgs, PromptDataArgs
 from coati_ray.experience import Experience
-from coati_ray.workers.buffer import ReplayBuffer, StepPlan
+from coati_ray.ppo_config import ObjectiveArgs, RolloutArgs
+from coati_ray.runtime import start_actor
+from coati_ray.sync.object_store import StoreTicket
+from coati_ray.workers.buffer import ReplayBuffer
+from coati_ray.workers.chunks import StepPlan
 from coati_ray.workers.generator import GeneratorWorker
-from coati_ray.workers.job import PPOJob
+from coati_ray.workers.job import RolloutJob
 from coati_ray.workers.reference import ReferenceWorker
 from coati_ray.workers.reward import RewardWorker
 
 PROMPTS_PER_STEP, SAMPLES = 4, 2  # one step = 8 samples
 N_PROMPTS = 40  # rows of the plan (the demo prompt file has more)
+START = StoreTicket(0)  # weights version 0: what every generator starts with
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +34,11 @@ def scorers(ray_cluster, micro_model):
         ray_cluster.kill(a)
 
 
-def make_job(micro_model, demo_dir) -> PPOJob:
-    ppo = PPOArgs(experience_batch_size=PROMPTS_PER_STEP, n_samples_per_prompt=SAMPLES, max_new_tokens=6,
-                  advantage_estimator="grpo")
-    return PPOJob(micro_model, micro_model, None, str(demo_dir / "prompts_train.jsonl"), None,
-                  ModelArgs(pretrain=micro_model), DataArgs(), ppo)
+def make_job(micro_model, demo_dir) -> RolloutJob:
+    rollout = RolloutArgs(experience_batch_size=PROMPTS_PER_STEP, n_samples_per_prompt=SAMPLES, max_new_tokens=6)
+    return RolloutJob(model=ModelArgs(pretrain=micro_model), policy_path=micro_model,
+                      prompt_file=str(demo_dir / "prompts_train.jsonl"), data=PromptDataArgs(), rollout=rollout,
+                      objective=ObjectiveArgs(advantage_estimator="grpo"), seed=42, engine_options={})
 
 
 def start_generator(ray, job, scorers, name, index=0, **options):
@@ -50,20 +56,22 @@ def make_parts(ray, micro_model, demo_dir, scorers, name, limit, n_generators=1,
     return (gens[0] if n_generators == 1 else gens), buf
 
 
-def wait_until(ray, buf, key, value):
+def wait_until(ray, buf, key, value, timeout_s: float = 120.0):
     """Poll the buffer's own counters (no fixed sleeps): returns once stats[key] == value."""
-    while True:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         stats = ray.get(buf.stats.remote())
         if stats[key] == value:
             return stats
         ray.get(buf.stats.remote())  # one more round trip before the next look (no fixed sleep)
+    raise AssertionError(f"buffer stats[{key!r}] is {stats[key]}, not {value}, after {timeout_s} s")
 
 
 def test_a_full_buffer_makes_the_producer_wait(ray_cluster, micro_model, demo_dir, scorers):
     ray = ray_cluster
     gen, buf = make_parts(ray, micro_model, demo_dir, scorers, "bp", limit=PROMPTS_PER_STEP * SAMPLES)
-    p0 = buf.produce.remote(0, 0, [None], 0.0)
-    p1 = buf.produce.remote(1, 0, [None], 0.0)
+    p0 = buf.produce.remote(0, 0, START, 0.0)
+    p1 = buf.produce.remote(1, 0, START, 0.0)
     ray.get(p0)
     stats = wait_until(ray, buf, "buffer/queued_chunks", 1)  # step 1's chunk waits for room
     assert stats["buffer/waiting_producers"] == 1
@@ -85,14 +93,14 @@ def test_a_full_buffer_makes_the_producer_wait(ray_cluster, micro_model, demo_di
 def test_generators_join_and_retire_while_steps_run(ray_cluster, micro_model, demo_dir, scorers):
     ray = ray_cluster
     gen, buf = make_parts(ray, micro_model, demo_dir, scorers, "scale", limit=64)
-    ray.get(buf.produce.remote(0, 0, [None], 0.0))
+    ray.get(buf.produce.remote(0, 0, START, 0.0))
     new = start_actor(GeneratorWorker, "scale-generator-1", (1, make_job(micro_model, demo_dir), *scorers),
                       num_cpus=0.5)
     ray.get(buf.add_generators.remote({1: new}))  # returns at once; the generator joins once constructed
     wait_until(ray, buf, "generators/pooled", 2)
-    ray.get(buf.produce.remote(1, 0, [None], 0.0))  # split between both generators
+    ray.get(buf.produce.remote(1, 0, START, 0.0))  # split between both generators
     assert ray.get(buf.retire_generators.remote([0])) == [0]
-    ray.get(buf.produce.remote(2, 0, [None], 0.0))  # only generator 1 is left
+    ray.get(buf.produce.remote(2, 0, START, 0.0))  # only generator 1 is left
     steps = [ray.get(buf.take.remote(s, 8)) for s in range(3)]
     assert [sorted(m.generator for _, m in t) for t in steps] == [[0], [0, 1], [1]]
     for s, taken in enumerate(steps):  # every sample of every step exactly once, whoever made it
@@ -108,7 +116,7 @@ def test_a_chunk_in_flight_on_a_crashed_generator_is_issued_again(ray_cluster, m
     gen, buf = make_parts(ray, micro_model, demo_dir, scorers, "crash", limit=64, max_restarts=3)
     reissued, step = 0, 0
     while reissued == 0 and step < 3:  # the kill must land while a rollout runs: look again if it missed
-        p = buf.produce.remote(step, 0, [None], 0.0)
+        p = buf.produce.remote(step, 0, START, 0.0)
         wait_until(ray, buf, "buffer/reserved", 8)  # dispatched, in flight
         ray.kill(gen, no_restart=False)  # a crash: Ray restarts the actor
         ray.get(p)
@@ -124,7 +132,7 @@ def test_a_chunk_in_flight_on_a_crashed_generator_is_issued_again(ray_cluster, m
 def test_accepted_experience_survives_the_death_of_its_generator(ray_cluster, micro_model, demo_dir, scorers):
     ray = ray_cluster
     gen, buf = make_parts(ray, micro_model, demo_dir, scorers, "own", limit=64)
-    ray.get(buf.produce.remote(0, 0, [None], 0.0))  # returns once the chunk is accepted
+    ray.get(buf.produce.remote(0, 0, START, 0.0))  # returns once the chunk is accepted
     ray.kill(gen, no_restart=True)
     assert wait_dead(ray, gen, "rollouts_done")  # the generator is gone ...
     (ref, meta), = ray.get(buf.take.remote(0, 8))
@@ -138,7 +146,7 @@ def test_chunks_older_than_allowed_are_dropped_and_counted(ray_cluster, micro_mo
     ray = ray_cluster
     gen, buf = make_parts(ray, micro_model, demo_dir, scorers, "stale", limit=64)
     for step in range(3):
-        ray.get(buf.produce.remote(step, 0, [None], 0.0))
+        ray.get(buf.produce.remote(step, 0, START, 0.0))
     # Taking step 1 drops the never-taken step 0 ...
     (_, meta), = ray.get(buf.take.remote(1, 8, 0))
     assert meta.step == 1 and ray.get(buf.stats.remote())["buffer/dropped_stale"] == 8
@@ -153,7 +161,7 @@ def test_a_failed_rollout_surfaces_in_take(ray_cluster, micro_model, demo_dir, s
     ray = ray_cluster
     gen, buf = make_parts(ray, micro_model, demo_dir, scorers, "fail", limit=64)
     ray.kill(gen, no_restart=True)
-    buf.produce.remote(0, 0, [None], 0.0)
+    buf.produce.remote(0, 0, START, 0.0)
     with pytest.raises(ray.exceptions.RayError):
         ray.get(buf.take.remote(0, 8))  # not a hang: the generator's death reaches the trainer side
     assert ray.get(buf.lost_generators.remote()) == [0]  # the driver forgets it (and is told once)

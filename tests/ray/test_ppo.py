@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from coati_ray.config import (
-    ClusterArgs,
-    DataArgs,
-    ModelArgs,
-    PPOArgs,
-    RoleArgs,
-)
 from coati_ray.pipelines.ppo import run_ppo
+from coati_ray.ppo_config import PPOConfig
 
 SYNC_TOL = 1e-4  # generator vs trainer log-prob after a sync (float32 noise is ~1e-6)
 
@@ -27,8 +21,7 @@ def ppo(models, save_path, actors=1, trainers=1, **kw):
     sft, rm = models
     args = {"rm_path": rm, "experience_batch_size": 16, "train_batch_size": 8, "max_new_tokens": 16, "lr": 1e-4,
             "critic_lr": 1e-3, "save_path": str(save_path), "sync_check_interval": 1, **kw}
-    return run_ppo(ModelArgs(pretrain=sft), DataArgs(), PPOArgs(**args), RoleArgs(actors=actors),
-                   ClusterArgs(trainers=trainers), progress=False)
+    return run_ppo(PPOConfig.of(pretrain=sft, actors=actors, trainers=trainers, **args), progress=False)
 
 
 @pytest.fixture(scope="module")

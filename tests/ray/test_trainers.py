@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import max_diff, train, weights
 
-from coati_ray.config import DataArgs, ModelArgs, TrainArgs
+from coati_ray.config import ModelArgs, PairDataArgs, SFTDataArgs, TrainArgs
 from coati_ray.errors import DataError
 from coati_ray.models.loading import load_causal_lm, load_value_model
 
@@ -33,7 +33,7 @@ def assert_same_training(a, b, init_path: str) -> None:
 def sft_run(ray_cluster, tmp_path_factory):
     """SFT of the micro preset on the full demo data: 4 epochs, 1000 steps (about a minute)."""
     return train(tmp_path_factory.mktemp("sft"), "sft", batch_size=16, max_steps=None, max_epochs=4, lr=3e-3,
-                 data=DataArgs())
+                 data=SFTDataArgs())
 
 
 def test_sft_loss_falls_well_below_its_start_and_the_policy_does_the_arithmetic(sft_run):
@@ -59,7 +59,7 @@ def test_sft_loss_falls_well_below_its_start_and_the_policy_does_the_arithmetic(
 def test_reward_model_from_sft_reaches_held_out_accuracy_0_8(sft_run, tmp_path):
     # ColossalChat's order: the RM starts from the SFT model, which already knows the arithmetic.
     r = train(tmp_path, "rm", stage="rm", batch_size=16, max_steps=None, max_epochs=2, lr=1e-3,
-              model=ModelArgs(pretrain=sft_run.save_path), data=DataArgs())
+              model=ModelArgs(pretrain=sft_run.save_path), data=PairDataArgs())
     assert r.final_eval["eval/accuracy"] >= 0.8, r.evals
     assert r.final_eval["eval/margin"] > 0
     rm = load_value_model(r.save_path)
@@ -119,7 +119,7 @@ def test_lora_trains_only_adapter_parameters(tmp_path):
 
     ta = TrainArgs(batch_size=4, max_steps=3, save_path=str(tmp_path / "lora"), warmup_ratio=0.0)
     job = make_job("sft", ModelArgs(preset_size="micro", lora_rank=4, lora_target_modules="q_proj,v_proj"),
-                   DataArgs(max_samples=100), ta, None)
+                   SFTDataArgs(max_samples=100), ta, None)
     group = TrainerGroup(1, local=True)
     worker = group.workers[0]
     try:
@@ -147,7 +147,7 @@ def test_bad_data_inside_an_actor_reaches_the_driver_as_the_same_clear_error(ray
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', encoding="utf-8")
     with pytest.raises(DataError) as e:
-        train(tmp_path, "bad", data=DataArgs(dataset=str(bad), eval_split=0.0))
+        train(tmp_path, "bad", data=SFTDataArgs(dataset=str(bad), eval_split=0.0))
     assert f"{bad}, line 2, row 1, field 'output'" in str(e.value)
 
 

@@ -45,6 +45,31 @@ def test_column_mapping(tmp_path):
     assert rows == [{"prompt": "hi", "chosen": "a", "rejected": "b"}]
 
 
+def test_each_stage_data_args_map_only_their_own_columns(tmp_path):
+    from coati_ray.config import PairDataArgs, PromptDataArgs, SFTDataArgs
+
+    assert SFTDataArgs(instruction_key="q").keys() == {"instruction": "q", "input": "input", "output": "output"}
+    assert PairDataArgs(chosen_key="good").keys() == {"prompt": "prompt", "chosen": "good", "rejected": "rejected"}
+    assert PromptDataArgs().keys() == {"prompt": "prompt"}  # PPO builds it with no arguments
+    assert (PromptDataArgs().max_len, PromptDataArgs().skip_bad_rows) == (512, False)
+    assert not hasattr(PromptDataArgs(), "dataset") and not hasattr(SFTDataArgs(), "chosen_key")
+    path = write_jsonl(tmp_path / "p.jsonl", [{"q": "hi", "good": "a", "bad": "b"}])
+    keys = PairDataArgs(prompt_key="q", chosen_key="good", rejected_key="bad").keys()
+    assert list(load_rows(path, pair_columns(keys)).dataset) == [{"prompt": "hi", "chosen": "a", "rejected": "b"}]
+
+
+@pytest.mark.parametrize("cls,kw,field", [("PromptDataArgs", {"max_len": 4}, "max_len"),
+                                          ("SFTDataArgs", {"eval_split": 1.0}, "eval_split"),
+                                          ("PairDataArgs", {"max_samples": 0}, "max_samples")])
+def test_data_args_validate(cls, kw, field):
+    from coati_ray import config
+    from coati_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"--{field}: must be"):
+        getattr(config, cls)(**kw).validate()
+    getattr(config, cls)().validate()
+
+
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c",,}\n', encoding="utf-8")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from coati_ray.cluster.placement import HEAD_RESOURCE, MARKER_AMOUNT, ROLE_NODE, role_resources
-from coati_ray.config import RoleArgs
-from coati_ray.workers.generator import make_chunks, step_prompts, steps_per_episode
+from coati_ray.ppo_config import RoleArgs
+from coati_ray.workers.chunks import make_chunks, step_prompts, steps_per_episode
 
 
 def test_auto_placement_leaves_a_cluster_without_markers_alone():

@@ -6,14 +6,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from coati_ray.config import (
-    ClusterArgs,
-    DataArgs,
-    ModelArgs,
-    PPOArgs,
-    RoleArgs,
-)
 from coati_ray.pipelines.ppo import run_ppo
+from coati_ray.ppo_config import PPOConfig
 
 SYNC_TOL = 1e-4  # engine vs trainer log-probs after a sync, both float32
 
@@ -27,10 +21,10 @@ def models(ray_cluster, tmp_path_factory, train_micro_pair):
 def test_ppo_with_the_vllm_backend(models, tmp_path, lora_rank):
     sft, rm = models
     steps = 3
-    args = PPOArgs(rm_path=rm, generator_backend="vllm", experience_batch_size=8, train_batch_size=8,
-                   max_new_tokens=12, lr=1e-3, max_steps=steps, sync_check_interval=1, save_path=str(tmp_path))
-    out = run_ppo(ModelArgs(pretrain=sft, lora_rank=lora_rank), DataArgs(), args, RoleArgs(actors=1),
-                  ClusterArgs(trainers=1), progress=False)
+    cfg = PPOConfig.of(pretrain=sft, lora_rank=lora_rank, rm_path=rm, generator_backend="vllm",
+                       experience_batch_size=8, train_batch_size=8, max_new_tokens=12, lr=1e-3, max_steps=steps,
+                       sync_check_interval=1, save_path=str(tmp_path), actors=1, trainers=1)
+    out = run_ppo(cfg, progress=False)
     assert len(out.history) == steps
     for step, versions in enumerate(out.trained_versions):  # on-policy: version == step, as with hf
         assert set(versions) == {step}

@@ -1,0 +1,242 @@
+"""Stage 3 set-up: resolve what each role is built from, and start the roles' actors.
+
+    make_jobs(cfg)           paths resolved (the demo SFT + RM made first when none is given),
+                             and each role's job holding only the settings it reads
+    start_roles(...)         every actor, named `<role>-<i>`, where --placement puts it
+    scale / drop generators  the pool changes a running job asks for or suffers
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coati_ray.algos.advantages import NEEDS_CRITIC
+from coati_ray.cluster.ppo_groups import CriticGroup, PolicyGroup
+from coati_ray.defaults import demo_file
+from coati_ray.errors import ConfigError, DataError
+from coati_ray.ppo_config import (
+    PPO_PRESET_CRITIC_LR,
+    PPO_PRESET_LR,
+    PPO_PRETRAINED_CRITIC_LR,
+    PPO_PRETRAINED_LR,
+    PPOConfig,
+)
+from coati_ray.runtime import get_unwrapped, start_actor
+from coati_ray.sync import transport_class
+from coati_ray.sync.base import WeightSync
+from coati_ray.workers.job import CriticJob, PolicyJob, RolloutJob, UpdateSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOJobs:
+    policy_path: str  # initial policy; also the frozen reference
+    reward_path: str
+    prompt_file: str
+    rollout: RolloutJob
+    policy: PolicyJob
+    critic: CriticJob | None  # None for critic-free estimators
+
+
+def make_jobs(cfg: PPOConfig) -> PPOJobs:
+    """Resolve every path (making the demo SFT and RM first when none is given), check them, and
+    build each role's job."""
+    from coati_ray.models.loading import check_family, load_config
+
+    model, run, ro, obj = cfg.model, cfg.run, cfg.rollout, cfg.objective
+    policy_path, rm_path = model.pretrain, run.rm_path
+    if policy_path is None or rm_path is None:
+        from coati_ray.pipelines.demo_models import ensure_demo_models
+
+        demo = ensure_demo_models(model.preset_size, cfg.cluster)
+        policy_path, rm_path = policy_path or demo["sft"], rm_path or demo["rm"]
+    for name, path in (("pretrain", policy_path), ("rm_path", rm_path), ("critic_pretrain", run.critic_pretrain)):
+        if path is not None and not Path(path).exists():
+            raise ConfigError(name, f"{path}: no such model directory")
+    check_family(load_config(policy_path), model.model, policy_path)
+    prompt_file = run.prompt_dataset or demo_file("prompts_train.jsonl")
+    pretrain_file = run.pretrain_dataset or (demo_file("pretrain.jsonl") if obj.ptx_coef > 0 else None)
+    for f in (prompt_file, pretrain_file):
+        if f and not Path(f).exists():
+            raise DataError(f, "no such file or directory")
+    preset = model.pretrain is None  # picks the default learning rates
+
+    def update(lr: float | None, preset_lr: float, pretrained_lr: float) -> UpdateSpec:
+        return UpdateSpec(run.strategy, lr or (preset_lr if preset else pretrained_lr), run.grad_clip,
+                          run.train_batch_size, run.max_epochs, run.seed)
+
+    engine_options = transport_class(ro.vllm_weight_sync).engine_options() if ro.generator_backend == "vllm" else {}
+    rollout = RolloutJob(model=model, policy_path=policy_path, prompt_file=prompt_file, data=cfg.data, rollout=ro,
+                         objective=obj, seed=run.seed, engine_options=engine_options)
+    policy = PolicyJob(model=model, policy_path=policy_path, update=update(run.lr, PPO_PRESET_LR, PPO_PRETRAINED_LR),
+                       objective=obj, temperature=ro.temperature, pretrain_file=pretrain_file, data=cfg.data)
+    critic = None
+    if NEEDS_CRITIC[obj.advantage_estimator]:
+        critic = CriticJob(model=model, critic_path=run.critic_pretrain or rm_path, tokenizer_path=policy_path,
+                           update=update(run.critic_lr, PPO_PRESET_CRITIC_LR, PPO_PRETRAINED_CRITIC_LR),
+                           objective=obj, n_samples_per_prompt=ro.n_samples_per_prompt)
+    return PPOJobs(policy_path, rm_path, prompt_file, rollout, policy, critic)
+
+
+def count_prompts(jobs: PPOJobs) -> int:
+    """Read and check the prompt file here, before any actor starts (errors name file, line, field)."""
+    from coati_ray.data.loading import load_rows, prompt_columns
+
+    data = jobs.rollout.data
+    return len(load_rows(jobs.prompt_file, prompt_columns(data.keys()), data.skip_bad_rows).dataset)
+
+
+@dataclass
+class Roles:
+    buffer: Any
+    control: Any
+    references: list
+    rewards: list
+    generators: dict[int, Any]  # index -> handle: the generators started and not retired
+    policy: PolicyGroup
+    critic: CriticGroup | None
+    start_generator: Any  # index -> handle of a new generator actor named generator-<index>
+    sync: WeightSync  # how new weights reach the generators
+
+    def shutdown(self) -> None:
+        import ray
+
+        for g in (self.policy, self.critic):
+            if g is not None:
+                g.shutdown()
+        for a in [self.buffer, self.control, *self.references, *self.rewards, *self.generators.values()]:
+            ray.kill(a)
+
+    def placement(self) -> dict[str, str]:
+        """Actor name -> the Ray node it runs on."""
+        named = {**{f"generator-{i}": g for i, g in self.generators.items()}, "buffer-0": self.buffer,
+                 "control": self.control, **{f"reference-{i}": a for i, a in enumerate(self.references)},
+                 **{f"reward-{i}": a for i, a in enumerate(self.rewards)}}
+        out = dict(zip(named, get_unwrapped([a.node_id.remote() for a in named.values()])))
+        for prefix, group in (("trainer", self.policy), ("critic", self.critic)):
+            if group is not None:
+                out.update({f"{prefix}-{r}": n for r, n in enumerate(group.node_ids())})
+        return out
+
+
+def generator_placement(cfg: PPOConfig, resources: dict | None) -> dict:
+    """Ray options of one generator actor.
+
+    Generators are spread over the nodes that may hold them. A vLLM engine with tensor-parallel
+    size k > 1 gets its own placement group of k bundles (one GPU and the generator's CPUs each,
+    packed onto one node when possible): the actor holds no GPU itself and vLLM's Ray executor
+    starts its k workers in the group's bundles.
+    """
+    roles, ro = cfg.roles, cfg.rollout
+    tp = ro.vllm_tensor_parallel_size if ro.generator_backend == "vllm" else 1
+    if tp == 1:  # SPREAD: generators go to different nodes when they can (one node's failure costs less)
+        return {"num_cpus": roles.generator_cpus, "num_gpus": roles.generator_gpus, "resources": resources,
+                "scheduling_strategy": "SPREAD"}
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = placement_group([{"GPU": 1.0, "CPU": roles.generator_cpus, **(resources or {})} for _ in range(tp)],
+                         strategy="PACK")
+    return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+
+
+def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
+    """Start every role's actors (each named `<role>-<i>`) where `--placement` puts them.
+
+    Generators, references and rewards are restarted by Ray after a crash (`--max_restarts`;
+    generators only where the weight-sync transport lets a restarted one catch up); calls to a
+    restarting reference or reward are retried by Ray, and a generator's chunk in flight is issued
+    again by the buffer. Trainers are not restarted: their state dies with them.
+    """
+    import ray
+
+    from coati_ray.cluster.control import JobControl
+    from coati_ray.cluster.placement import role_resources
+    from coati_ray.workers.buffer import ReplayBuffer
+    from coati_ray.workers.chunks import StepPlan
+    from coati_ray.workers.generator import GeneratorWorker
+    from coati_ray.workers.reference import ReferenceWorker
+    from coati_ray.workers.reward import RewardWorker
+
+    roles, cluster = cfg.roles, cfg.cluster
+    res, fam, dt = role_resources(roles, ray.cluster_resources()), cfg.model.model, cfg.model.dtype
+    sync_cls = transport_class(cfg.rollout.vllm_weight_sync)
+    restart = {"max_restarts": roles.max_restarts, "max_task_retries": -1}
+    control = start_actor(JobControl, "control", (Path(cfg.run.save_path).name,), num_cpus=0,
+                          resources=res.get("control"))
+    refs = [start_actor(ReferenceWorker, f"reference-{i}", (jobs.policy_path, fam, dt, int(roles.reference_cpus)),
+                        roles.reference_cpus, roles.reference_gpus, res.get("reference"), **restart)
+            for i in range(roles.ref_workers)]
+    rewards = [start_actor(RewardWorker, f"reward-{i}", (jobs.reward_path, fam, dt, int(roles.reward_cpus)),
+                           roles.reward_cpus, roles.reward_gpus, res.get("reward"), **restart)
+               for i in range(roles.reward_workers)]
+
+    def start_generator(i: int):
+        # The buffer, not Ray, issues a dead generator's chunk again (to whichever generator is free).
+        args = (i, jobs.rollout, refs, rewards, int(roles.generator_cpus))
+        return start_actor(GeneratorWorker, f"generator-{i}", args,
+                           max_restarts=roles.max_restarts if sync_cls.restartable_generators else 0,
+                           max_task_retries=0, **generator_placement(cfg, res.get("generator")))
+
+    gens = {i: start_generator(i) for i in range(roles.actors)}
+    # Wait until every generator is constructed: a failing constructor surfaces here, clearly.
+    get_unwrapped([g.weight_version.remote() for g in gens.values()])
+    plan = StepPlan(n_prompts, cfg.rollout.experience_batch_size, cfg.rollout.n_samples_per_prompt, cfg.run.seed)
+    buffer = start_actor(ReplayBuffer, "buffer-0", (cfg.buffer_capacity(), plan, gens), num_cpus=0,
+                         resources=res.get("buffer"), max_concurrency=ReplayBuffer.MAX_CONCURRENCY)
+    policy = PolicyGroup(cluster.trainers, cluster.cpus_per_trainer or 1.0, cluster.gpus_per_trainer,
+                         name_prefix="trainer", resources=res.get("trainer"))
+    critic = CriticGroup(roles.critic_trainers, roles.critic_cpus, roles.critic_gpus, name_prefix="critic",
+                         resources=res.get("critic")) if jobs.critic else None
+    return Roles(buffer, control, refs, rewards, gens, policy, critic, start_generator, sync_cls(policy))
+
+
+def scale_generators(actors: Roles, target: int | None) -> None:
+    """Start or retire generators until `target` run (a request from `launchers/control.py`).
+
+    New generators join the buffer's pool as soon as they are constructed (a pending one waits
+    for a node: on an autoscaling cluster its demand makes the autoscaler add a rollout node).
+    Retired ones finish the chunk they are making first, then are killed.
+    """
+    import ray
+
+    have = len(actors.generators)
+    if target is None or target == have:
+        return
+    if not actors.sync.scalable:
+        logger.warning("scaling to %d generators refused: the weight-sync transport (--vllm_weight_sync) fixes "
+                       "the generators at start-up", target)
+        return
+    if target > have:
+        first = max(actors.generators) + 1
+        new = {i: actors.start_generator(i) for i in range(first, first + target - have)}
+        actors.generators.update(new)
+        for i, h in new.items():
+            actors.sync.on_generator_added(i, h)
+        get_unwrapped(actors.buffer.add_generators.remote(new))
+        logger.info("scaling: starting generators %s (%d requested)", sorted(new), target)
+    else:
+        retire = sorted(actors.generators)[target - have:]
+        gone = get_unwrapped(actors.buffer.retire_generators.remote(retire))
+        for i in gone:
+            ray.kill(actors.generators.pop(i))
+            actors.sync.on_generator_removed(i)
+        logger.info("scaling: retired generators %s (%d requested)", gone, target)
+
+
+def drop_lost_generators(actors: Roles) -> None:
+    """Forget the generators the buffer gave up on (restarts used up, or never started), so the
+    weight sync, the sync check and the reported count use live ones only."""
+    import ray
+
+    for i in get_unwrapped(actors.buffer.lost_generators.remote()):
+        handle = actors.generators.pop(i, None)
+        actors.sync.on_generator_removed(i)  # raises where the transport cannot go on without it
+        if handle is not None:
+            ray.kill(handle)  # frees what it still holds if it hangs rather than died
+        logger.warning("generator-%d is gone for good; %d generators left", i, len(actors.generators))

