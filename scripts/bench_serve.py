@@ -142,14 +142,16 @@ def main() -> None:
         for r in rows:
             print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['fp32_bytes'] / 2**20:.1f} | "
                   f"{r['bf16_bytes'] / 2**20:.1f} | {r['int8_bytes'] / 2**20:.1f} | {r['int4_bytes'] / 2**20:.1f} | "
-                  f"{1 - r['int4_vs_bf16']:.0%} smaller | {r['fp32_tokens_per_s']:.1f} | {r['int4_tokens_per_s']:.1f} |")
+                  f"{1 - r['int4_vs_bf16']:.0%} smaller | {r['fp32_tokens_per_s']:.1f} | "
+                  f"{r['int4_tokens_per_s']:.1f} |")
     if "c" not in skip:
         result["server"] = rows = part_c([1, 8, 32], args.requests)
         print("\nlaunchers/serve.py, tiny preset, fp32, 32 new tokens per request")
         print("| concurrent clients | requests/s | vs 1 client | generated tokens/s | largest batch |")
         print("|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['clients']} | {r['requests_per_s']:.2f} | {r['requests_per_s'] / rows[0]['requests_per_s']:.2f}x"
+            speedup = r["requests_per_s"] / rows[0]["requests_per_s"]
+            print(f"| {r['clients']} | {r['requests_per_s']:.2f} | {speedup:.2f}x"
                   f" | {r['tokens_per_s']:.0f} | {r['max_batch']} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -50,7 +50,8 @@ def main(argv=None) -> dict:
                  seed=args.seed)
     ratio = f["weight_file_bytes"] / max(1, f["source_weight_file_bytes"])
     print(f"quantized {args.model_dir} -> {f['out_path']}: {f['bits']}-bit GPTQ, group_size {f['group_size']}, "
-          f"{f['n_samples']} calibration samples, {f['seconds']:.1f}s, weights {f['weight_file_bytes'] / 2**20:.2f} MiB "
+          f"{f['n_samples']} calibration samples, {f['seconds']:.1f}s, "
+          f"weights {f['weight_file_bytes'] / 2**20:.2f} MiB "
           f"({ratio:.0%} of the source's {f['source_weight_file_bytes'] / 2**20:.2f} MiB)")
     return f
 

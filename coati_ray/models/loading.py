@@ -14,8 +14,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from coati_ray.errors import ConfigError, ModelLoadError
 
@@ -112,7 +118,8 @@ def load_causal_lm(path: str, model: str = "auto", dtype: str = "fp32") -> PreTr
     return lm
 
 
-def load_value_model(path: str, model: str = "auto", dtype: str = "fp32", pad_token_id: int | None = None) -> PreTrainedModel:
+def load_value_model(path: str, model: str = "auto", dtype: str = "fp32",
+                     pad_token_id: int | None = None) -> PreTrainedModel:
     """An LM backbone + scalar head (`AutoModelForSequenceClassification`, num_labels=1).
 
     From a causal-LM directory the head is new (initialised from the current torch seed); from a

@@ -14,7 +14,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
-    targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
+    targets = "all-linear" if target_modules == "all-linear" else \
+        [t.strip() for t in target_modules.split(",") if t.strip()]
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                      task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS)
     return get_peft_model(model, cfg)

@@ -491,7 +491,10 @@ def _random_batch(seed, B=B, A=A):
     lengths = torch.randint(1, A + 1, (B,), generator=g)
     mask = (torch.arange(A).unsqueeze(0) < lengths.unsqueeze(1)).float()
     # Garbage (large) values everywhere: padding positions must be ignored by every function.
-    rand = lambda: torch.randn(B, A, generator=g) * 2
+
+    def rand():
+        return torch.randn(B, A, generator=g) * 2
+
     return dict(g=g, mask=mask, lengths=[int(n) for n in lengths], rewards=rand(), values=rand(), kl=rand(),
                 score=torch.randn(B, generator=g) * 3, log_probs=rand() * 0.3 - 1.0, old_log_probs=rand() * 0.3 - 1.0,
                 advantages=rand())

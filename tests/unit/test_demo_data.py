@@ -57,7 +57,8 @@ def test_chosen_always_scores_one_and_rejected_never_beats_it():
 
 
 def test_equation_score_checks_the_sum_whatever_the_answer_style():
-    p = demo.Problem("en", "*", 6, 7, "Tom buys 6 bags with 7 apples in each bag. How many apples does Tom buy in total?")
+    p = demo.Problem("en", "*", 6, 7,
+                     "Tom buys 6 bags with 7 apples in each bag. How many apples does Tom buy in total?")
     terse = demo.terse_solution(p)
     assert terse == "6 * 7 = 42."
     assert (demo.equation_score(p.text, terse), demo.gold_score(p.text, terse)) == (1.0, 0.0)
