@@ -40,13 +40,14 @@ class ReplayBuffer:
         """The first step to produce (after a resume)."""
         self.dispatcher.start_at(step)
 
-    def produce(self, step: int, min_version: int, weights: Any, kl_coef: float) -> None:
+    def produce(self, step: int, min_version: int, ticket: Any, kl_coef: float) -> None:
         """Queue step `step`'s chunks (one per pooled generator) and return once all are accepted.
 
-        `weights` is passed as is to `generator.rollout(chunk, min_version, weights, kl_coef)`: a
-        generator holding an older version than `min_version` loads it before generating.
+        `ticket` (a weight-sync ticket, see coati_ray/sync/) goes as is to
+        `generator.rollout(chunk, min_version, ticket, kl_coef)`: a generator holding an older
+        version than `min_version` brings itself up to date through it before generating.
         """
-        self.dispatcher.produce(step, min_version, weights, kl_coef)
+        self.dispatcher.produce(step, min_version, ticket, kl_coef)
 
     def take(self, step: int, n_samples: int, min_version: int = 0) -> list[tuple[Any, ChunkMeta]]:
         """Remove and return step `step`'s chunks once `n_samples` of them are in.
