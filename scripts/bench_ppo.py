@@ -301,9 +301,10 @@ def main() -> None:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
+    from coati_ray.cli import setup_logging
     from coati_ray.cluster.ray_env import init_ray
     from coati_ray.defaults import default_model_dir, demo_data_dir
-    from coati_ray.runtime import quiet_libraries, setup_logging
+    from coati_ray.runtime import quiet_libraries
 
     setup_logging()
     quiet_libraries()
