@@ -58,7 +58,7 @@ class _Gen:
 class _Request:
     chunk: Chunk
     min_version: int
-    weights: Any  # opaque: passed through to generator.rollout
+    weights: Any  # the weight-sync ticket (coati_ray/sync/), passed as is to generator.rollout
     kl_coef: float
     attempts: int = 0
 
