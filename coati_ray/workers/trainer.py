@@ -156,22 +156,24 @@ class TrainerWorker(RankWorker):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        if not self.data.eval:  # the same on every rank: no collective is started
+            return {}
         self.model.eval()
         items = self.data.eval[self.rank::self.world_size]
-        sums: dict[str, float] = {}
-        for i in range(0, len(items), self.micro):
-            batch = {k: v.to(self.device) for k, v in self.task.collate(items[i:i + self.micro]).items()}
-            with self._autocast():
-                for k, v in self.task.eval_sums(self.model, batch).items():
-                    sums[k] = sums.get(k, 0.0) + v
-        # FSDP gathers parameters in every forward, so all ranks must run the same number of
-        # forwards: a rank with fewer eval batches runs dummy ones whose results are discarded.
+        # The ranks meet in collectives inside each forward (FSDP's all-gather, DDP's buffer
+        # broadcast), so every rank runs the same number of forwards, in the same order relative to
+        # the all-reduces: agree on the count first; a rank with fewer eval batches (or none, when
+        # the eval set is smaller than the world) runs dummy ones whose results are discarded.
         n_local = math.ceil(len(items) / self.micro)
         n_max = int(self._all_reduce_max(n_local))
-        for _ in range(n_max - n_local):
-            batch = {k: v.to(self.device) for k, v in self.task.collate(self.data.eval[:1]).items()}
+        sums: dict[str, float] = {}
+        for i in range(n_max):
+            real = i < n_local
+            rows = items[i * self.micro:(i + 1) * self.micro] if real else self.data.eval[:1]
+            batch = {k: v.to(self.device) for k, v in self.task.collate(rows).items()}
             with self._autocast():
-                self.task.eval_sums(self.model, batch)
+                for k, v in self.task.eval_sums(self.model, batch).items():
+                    sums[k] = sums.get(k, 0.0) + (v if real else 0.0)  # every rank has the same keys
         keys = ["loss_sum", "count"] + sorted(k for k in sums if k not in ("loss_sum", "count"))
         reduced = self._all_reduce([sums.get(k, 0.0) for k in keys])
         return self.task.finish_eval(dict(zip(keys, reduced)))

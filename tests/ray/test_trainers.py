@@ -163,3 +163,24 @@ def test_bf16_autocast_trains(tmp_path):
               model=ModelArgs(preset_size="micro", dtype="bf16"))
     assert r.history[-1]["train/loss"] < r.history[0]["train/loss"] - 1.0
     assert weights(r.save_path)["lm_head.weight"].dtype == torch.float32  # fp32 masters
+
+
+@pytest.mark.timeout(300, method="signal")  # a hang fails the test instead of holding the suite
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+@pytest.mark.parametrize("eval_split", [0.05, 0.0])  # 24 rows: 1 eval row (fewer than the ranks), and none
+def test_two_trainers_finish_when_the_eval_set_is_smaller_than_the_world(ray_cluster, tmp_path, demo_dir, stage,
+                                                                         eval_split):
+    """The ranks meet in every collective whatever their eval shard (issue 15: a 1-row eval set hung
+    the final evaluation of a 2-trainer run, one rank's forward pairing with the other's all-reduce)."""
+    src = demo_dir / ("sft_eval.jsonl" if stage == "sft" else "rm_eval.jsonl")
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(src.read_text().splitlines(keepends=True)[:24]))
+    data_cls = SFTDataArgs if stage == "sft" else PairDataArgs
+    model = None if stage == "sft" else ModelArgs(preset_size="micro")
+    r = train(tmp_path, "out", stage=stage, trainers=2, batch_size=2, max_steps=3, model=model,
+              data=data_cls(dataset=str(small), eval_split=eval_split))
+    assert len(r.history) == 3
+    if eval_split:
+        assert r.final_eval["eval/loss"] > 0  # the one eval row was scored, once
+    else:
+        assert r.final_eval == {}  # nothing to evaluate: no metric rather than a made-up 0
