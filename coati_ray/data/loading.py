@@ -5,14 +5,26 @@ Supported inputs: `.json` (a list of objects, or JSON lines), `.jsonl`, `.csv`, 
 Text formats are parsed here rather than by `datasets.load_dataset` so that an error can name the
 exact line; the result is always a `datasets.Dataset` with canonical column names.
 
-Every problem is a `DataError` naming the file, line/row and field. With `skip_bad_rows=True`
-bad rows are skipped and counted instead (`LoadedData.skipped`), and an empty result is still an
-error.
+Rows are loaded exactly or not at all: a value is never altered to make it fit. Every problem is a
+`DataError` naming the file, line/row and field. With `skip_bad_rows=True` bad rows are skipped and
+counted instead (`LoadedData.skipped`), and an empty result is still an error. In particular:
+
+- Text files are decoded as UTF-8 (a leading byte-order mark, as Excel writes, is accepted) with no
+  newline translation; JSON lines are split on "\n" only (a trailing "\r" is dropped), so U+2028,
+  U+2029 and U+0085 inside a JSON string stay part of the value, and quoted CSV/TSV values keep
+  their newlines exactly.
+- A field must hold text. A number or boolean where text is expected (`"output": 42`, an int
+  Parquet column) is a bad value like a list would be ("expected text, got int 42"), not converted
+  with `str()`; a missing value (null / NaN) counts as empty.
+- A JSON line nested too deeply to parse is a malformed row like any other invalid JSON.
+- A file with no data rows (empty, header-only CSV, 0-row Parquet or saved dataset) is
+  "the dataset is empty (no rows)" or, for a text file with no content at all, "the file is empty".
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,6 +38,7 @@ from coati_ray.errors import DataError
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv"}
+TOO_DEEP = "invalid JSON: nested too deeply to parse"  # json.loads raises RecursionError
 
 
 @dataclass
@@ -89,10 +102,11 @@ def _validate(path: Path, i: int, line: int | None, row: Any, columns: list[Colu
             raise DataError(str(path), f"missing field (needed as '{col.name}'; present: {sorted(row)}); "
                             f"use --{col.name}_key to map another column", row=i, field=col.source, line=line)
         value = row[col.source]
-        if value is None or (isinstance(value, float) and value != value):  # None / NaN from CSV
+        if value is None or (isinstance(value, float) and value != value):  # a missing value (null / NaN)
             value = ""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
+        if isinstance(value, (bool, int, float)):  # never str() it: 1e3 -> "1000.0" is not what the file says
+            raise DataError(str(path), f"expected text, got {type(value).__name__} {value!r}", row=i,
+                            field=col.source, line=line)
         if not isinstance(value, str):
             raise DataError(str(path), f"expected text, got {type(value).__name__}", row=i, field=col.source,
                             line=line)
@@ -109,6 +123,10 @@ def _read(path: Path) -> list[tuple[int | None, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
+            import pyarrow.parquet as pq
+
+            if pq.read_metadata(str(path)).num_rows == 0:  # from_parquet fails on it with Arrow noise
+                return []
             ds = datasets.Dataset.from_parquet(str(path))
         except Exception as e:  # pyarrow raises several types for a corrupt file
             raise DataError(str(path), f"not a readable Parquet file ({type(e).__name__}: {e})") from e
@@ -116,10 +134,12 @@ def _read(path: Path) -> list[tuple[int | None, Any]]:
     if suffix not in TEXT_SUFFIXES:
         raise DataError(str(path), f"unsupported file type '{suffix}'; expected .json, .jsonl, .csv, .tsv, "
                         ".parquet or a directory saved with datasets' save_to_disk")
+    raw = path.read_bytes()
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # Excel writes a UTF-8 BOM by default
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw[bom:].decode("utf-8")  # no newline translation: values keep their "\r\n" exactly
     except UnicodeDecodeError as e:
-        raise DataError(str(path), f"not UTF-8 text (byte {e.start})") from e
+        raise DataError(str(path), f"not UTF-8 text (byte {e.start + bom})") from e
     if not text.strip():
         raise DataError(str(path), "the file is empty")
     if suffix in (".csv", ".tsv"):
@@ -129,6 +149,8 @@ def _read(path: Path) -> list[tuple[int | None, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(str(path), f"invalid JSON: {e.msg} (column {e.colno})", line=e.lineno) from e
+        except RecursionError as e:
+            raise DataError(str(path), TOO_DEEP) from e
         if isinstance(data, dict):  # {"train": [...]} or a single object
             lists = [v for v in data.values() if isinstance(v, list)]
             data = lists[0] if len(lists) == 1 else [data]
@@ -145,32 +167,41 @@ def _looks_like_jsonl(text: str) -> bool:
     try:
         json.loads(first)
         return "\n" in text.strip()
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 
 def _read_jsonl(path: Path, text: str) -> list[tuple[int | None, Any]]:
     out: list[tuple[int | None, Any]] = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines() also breaks on U+2028 / U+2029 / U+0085, which are legal inside a JSON string
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")  # CRLF files
         if not line.strip():
             continue
         try:
             out.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
             out.append((n, DataError(str(path), f"invalid JSON: {e.msg} (column {e.colno})", row=len(out), line=n)))
+        except RecursionError:
+            out.append((n, DataError(str(path), TOO_DEEP, row=len(out), line=n)))
     return out
 
 
 def _read_csv(path: Path, text: str, delimiter: str) -> list[tuple[int | None, Any]]:
-    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    # newline="" as the csv module asks: a quoted value keeps its newlines ("\n", "\r\n") exactly;
+    # str.splitlines() dropped them and also split on U+2028 / U+0085 inside values.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
         raise DataError(str(path), "the file is empty") from None
+    except csv.Error as e:
+        raise DataError(str(path), f"malformed CSV: {e}", line=reader.line_num) from e
     out: list[tuple[int | None, Any]] = []
     try:
+        last = reader.line_num
         for values in reader:
-            line = reader.line_num
+            line, last = last + 1, reader.line_num  # the row's first line (a quoted value may span several)
             if not any(v.strip() for v in values):
                 continue
             if len(values) != len(header):
