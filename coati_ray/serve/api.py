@@ -5,41 +5,69 @@
     POST /v1/chat/completions    messages -> the model's chat template; "stream": true for SSE
     POST /v1/completions         a raw prompt
     GET  /                       the chat page
+    GET  /stats, /openapi.json   the engine's counters; the API's schema
 
-Bad requests get a 4xx with OpenAI's error body, {"error": {"message", "type", "param", "code"}},
-and the server keeps serving. With an API key set, /v1/* needs `Authorization: Bearer <key>`.
+Every error, 4xx or 5xx, has OpenAI's body, {"error": {"message", "type", "param", "code"}}, and
+the server keeps serving. With an API key set, everything but /health and the chat page needs
+`Authorization: Bearer <key>` (/docs and /redoc are off).
+
+Before a request reaches a route (`_Guard`): its `Host` header must name this server (a DNS-
+rebinding page gets 400), then the key, then its body is read only up to `max_body_bytes` (413
+beyond; a larger Content-Length is refused before any of it is read). Prompts are tokenized off
+the event loop, and one with more characters than the context could hold even at the tokenizer's
+longest token is refused without tokenizing it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import html
+import ipaddress
 import json
+import socket
 import time
 import uuid
 from importlib import resources
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from coati_ray.serve.engine import BatchingEngine, Event, GenRequest
 
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+# A token covers at most as many characters as its vocabulary string has (byte-level BPE: one
+# character per byte; SentencePiece: "▁" for a space, <0xNN> for a byte). The factor leaves room for
+# a normalizer that composes characters (NFC: "e" + U+0301 -> "é").
+_CHARS_PER_TOKEN_SLACK = 2
+
+
+def _valid_text(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800": a lone UTF-16 surrogate is no character
+        raise ValueError(f"not valid Unicode: a lone surrogate {s[e.start]!r} at character {e.start}") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class _Sampling(BaseModel):
-    model: str
+    model: Text
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)  # what a 64-bit generator seed can hold
     n: int = Field(1, ge=1, le=1)  # one choice per request
 
     def stops(self) -> list[str]:
@@ -52,7 +80,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str
+    prompt: Text
 
 
 class APIError(Exception):
@@ -64,48 +92,202 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
+    def response(self, headers: dict | None = None):
+        """The error as a JSON response (ASCII-escaped: a message quoting bad input always encodes)."""
+        from starlette.responses import Response
 
-def create_app(engine: BatchingEngine, model_name: str, context_len: int, api_key: str | None = None):
+        return Response(json.dumps(self.body(), ensure_ascii=True), self.status, headers,
+                        media_type="application/json")
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """("name", port or None) of a Host header, the name lowercased ("[::1]" keeps its brackets); None if malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, bracket, rest = value.partition("]")
+        name += "]"
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:] if rest else None
+    else:
+        name, colon, port = value.partition(":")
+        port = port if colon else None
+    if not name or name == "[]" or (port is not None and not port.isdigit()):
+        return None
+    return name, int(port) if port is not None else None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+class HostCheck:
+    """Which `Host` headers name this server: the loopback names, the listening address, `extra`
+    ("*": any). Listening on a wildcard address (0.0.0.0, ::) adds any IP literal and this machine's
+    hostname: DNS rebinding needs a domain name, so an IP literal is no rebinding."""
+
+    def __init__(self, host: str = "127.0.0.1", extra: tuple[str, ...] | list[str] = ()):
+        host = host.strip().lower()
+        self.any = "*" in extra
+        self.names = set(LOCAL_HOSTS) | {f"[{host}]" if ":" in host and not host.startswith("[") else host}
+        self.names |= {e.strip().lower() for e in extra if e.strip() and e.strip() != "*"}
+        self.wildcard = host in ("", "0.0.0.0", "::", "[::]")
+        if self.wildcard:
+            self.names.add(socket.gethostname().lower())
+
+    def ok(self, value: str | None, port: int | None) -> bool:
+        if self.any:
+            return True
+        parsed = _split_host(value) if value else None
+        if parsed is None:
+            return False
+        name, given_port = parsed
+        if given_port is not None and port is not None and given_port != port:
+            return False
+        return name in self.names or (self.wildcard and _is_ip(name))
+
+
+class _Guard:
+    """ASGI middleware in front of every route: the Host header, then the API key (all but `open_paths`),
+    then the body, read here up to `max_body_bytes` and handed on whole. A Content-Length over the
+    limit is refused before a byte of the body is read; a chunked body is counted as it arrives."""
+
+    def __init__(self, app, hosts: HostCheck, api_key: str | None, max_body_bytes: int,
+                 open_paths: tuple[str, ...] = ("/health", "/")):
+        self.app, self.hosts, self.api_key, self.max_body = app, hosts, api_key, max_body_bytes
+        self.open_paths = open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        port = (scope.get("server") or (None, None))[1]
+        if not self.hosts.ok(headers.get("host"), port):
+            err = APIError(400, f"the Host header {headers.get('host')!r} does not name this server (start it "
+                           "with --allowed_hosts to accept that name)", code="invalid_host")
+            return await err.response({"connection": "close"})(scope, receive, send)
+        if self.api_key and scope["path"] not in self.open_paths:
+            given = headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode("latin-1", "replace")):
+                return await APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key").response()(scope, receive, send)
+        too_big = APIError(413, f"the request body is larger than this server's limit of {self.max_body} bytes",
+                           code="request_too_large")
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                return await APIError(400, f"invalid Content-Length {length!r}").response(
+                    {"connection": "close"})(scope, receive, send)
+            if int(length) > self.max_body:
+                return await too_big.response({"connection": "close"})(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return await too_big.response({"connection": "close"})(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then the real channel: a client that goes away mid-answer is seen
+
+        return await self.app(scope, replay, send)
+
+
+def create_app(engine: BatchingEngine, model_name: str, context_len: int, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, host: str = "127.0.0.1",
+               allowed_hosts: tuple[str, ...] | list[str] = ()):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     app = FastAPI(title="coati_ray chat server", docs_url=None, redoc_url=None)
+    app.add_middleware(_Guard, hosts=HostCheck(host, allowed_hosts), api_key=api_key, max_body_bytes=max_body_bytes)
     tok = engine.tokenizer
     created = int(time.time())
+    longest_token = max((len(t) for t in tok.get_vocab()), default=1) if hasattr(tok, "get_vocab") else 64
+    max_prompt_chars = context_len * max(longest_token, 1) * _CHARS_PER_TOKEN_SLACK
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return e.response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError):
         err = e.errors()[0]
         if err.get("type") == "json_invalid":
-            return JSONResponse(APIError(400, f"malformed JSON body: {err.get('msg')}").body(), status_code=400)
+            return APIError(400, f"malformed JSON body: {err.get('msg')}").response()
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if not loc and err.get("type") in ("model_attributes_type", "dict_type", "missing"):
-            return JSONResponse(APIError(400, "the request body must be a JSON object (Content-Type: "
-                                         "application/json)").body(), status_code=400)
+            return APIError(400, "the request body must be a JSON object (Content-Type: application/json)").response()
         param = ".".join(loc) or None
         msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
-        return JSONResponse(APIError(400, msg, param, err.get("type")).body(), status_code=400)
+        return APIError(400, msg, param, err.get("type")).response()
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {api_key}":
-                return JSONResponse(APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                                             code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        if e.status_code == 404:
+            msg, code = f"Invalid URL ({request.method} {request.url.path})", "not_found"
+        elif e.status_code == 405:
+            msg, code = f"method {request.method} is not allowed on {request.url.path}", "method_not_allowed"
+        else:
+            msg, code = str(e.detail), None
+        kind = "server_error" if e.status_code >= 500 else "invalid_request_error"
+        return APIError(e.status_code, msg, code=code, kind=kind).response(e.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception):  # logged by uvicorn; the client gets no traceback
+        return APIError(500, "the server had an internal error while processing the request",
+                        kind="server_error").response()
 
     def check_model(name: str) -> None:
         if name != model_name:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'", "model",
                            "model_not_found")
 
+    def too_long(chars: int, param: str) -> APIError:
+        return APIError(400, f"the prompt has {chars} characters, more than this model's context of {context_len} "
+                        "tokens can hold", param, "context_length_exceeded")
+
+    async def encode(text: str, param: str, special: bool) -> list[int]:
+        """The prompt's token ids, counted off the event loop (a long prompt does not stall other clients)."""
+        if len(text) > max_prompt_chars:
+            raise too_long(len(text), param)
+        return await asyncio.to_thread(lambda: tok(text, add_special_tokens=special)["input_ids"])
+
+    async def encode_chat(messages: list[Message]) -> list[int]:
+        chars = sum(len(m.content) for m in messages)
+        if chars > max_prompt_chars:  # before the template or the tokenizer see it
+            raise too_long(chars, "messages")
+
+        def template() -> str:
+            from jinja2 import TemplateError
+
+            try:
+                return tok.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
+                                               add_generation_prompt=True)
+            except TemplateError as e:  # e.g. a template that refuses a system message
+                raise APIError(400, f"messages: the model's chat template refused them: {e}", "messages") from None
+        return await encode(await asyncio.to_thread(template), "messages", special=False)
+
     def make_request(body: _Sampling, prompt_ids: list[int], param: str, emit) -> GenRequest:
+        if not prompt_ids:
+            raise APIError(400, f"{param}: the prompt is empty (it has no tokens)", param, "empty_prompt")
         room = context_len - len(prompt_ids)
         if room < 1:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is {context_len} "
@@ -168,9 +350,7 @@ def create_app(engine: BatchingEngine, model_name: str, context_len: int, api_ke
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
         check_model(body.model)
-        text = tok.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                       add_generation_prompt=True)
-        req, q = start(body, tok(text, add_special_tokens=False)["input_ids"], "messages")
+        req, q = start(body, await encode_chat(body.messages), "messages")
         rid, ts = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": ts, "model": model_name}
         if body.stream:
@@ -191,7 +371,7 @@ def create_app(engine: BatchingEngine, model_name: str, context_len: int, api_ke
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         check_model(body.model)
-        req, q = start(body, tok(body.prompt)["input_ids"], "prompt")
+        req, q = start(body, await encode(body.prompt, "prompt", special=True), "prompt")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name,
                 "object": "text_completion"}
         if body.stream:

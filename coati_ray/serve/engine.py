@@ -168,7 +168,11 @@ class BatchingEngine:
             if row.done or t == 0:
                 out.append(int(lg.argmax()))
                 continue
-            probs = torch.softmax(lg / t, dim=-1)
+            scaled = lg / t
+            if not torch.isfinite(scaled).all():  # a temperature so small that logits overflow: that is greedy
+                out.append(int(lg.argmax()))
+                continue
+            probs = torch.softmax(scaled, dim=-1)
             if top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
