@@ -248,6 +248,17 @@ def check_resume(args) -> None:
         raise ConfigError("resume", f"expected 'auto', 'no' or a checkpoint directory; {args.resume} is none of them")
 
 
+def check_finite(args) -> None:
+    """Refuse nan and inf in any float field (`--lr nan` compares False with every bound)."""
+    import math
+
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f.name, f"must be a finite number, got {value}")
+
+
 def validate_all(*parts) -> None:
     for p in parts:
+        check_finite(p)
         p.validate()

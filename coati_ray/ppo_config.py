@@ -27,6 +27,7 @@ from coati_ray.config import (
     _at_least_or_none,
     _help,
     _positive_or_none,
+    check_finite,
 )
 from coati_ray.errors import ConfigError
 from coati_ray.sync import TRANSPORTS, transport_class
@@ -262,6 +263,7 @@ class PPOConfig:
     def validate(self) -> None:
         """Each part's own checks, then the ones that span parts."""
         for part in PARTS:
+            check_finite(getattr(self, part))
             getattr(self, part).validate()
         run, ro, obj = self.run, self.rollout, self.objective
         if obj.advantage_estimator in ("grpo", "rloo") and ro.n_samples_per_prompt < 2:
@@ -277,3 +279,8 @@ class PPOConfig:
             raise ConfigError("buffer_limit", f"must hold (max_staleness + 1) steps of samples = "
                               f"{(run.max_staleness + 1) * self.step_samples()}, got {run.buffer_limit}")
         transport_class(ro.vllm_weight_sync).check_config(ro, self.model)
+        if run.resume not in ("no", "auto"):  # before Ray and the actors start (check_resume saw a directory)
+            from pathlib import Path
+
+            if not (Path(run.resume) / "ppo_state.json").exists():
+                raise ConfigError("resume", f"{run.resume} is not a PPO checkpoint (no ppo_state.json in it)")

@@ -28,6 +28,7 @@ from coati_ray.pipelines import ppo_state
 from coati_ray.pipelines.ppo_roles import (
     PPOJobs,
     Roles,
+    check_plan_fits,
     count_prompts,
     drop_lost_generators,
     make_jobs,
@@ -121,6 +122,7 @@ def ppo_step(step: int, cfg: PPOConfig, actors: Roles, st: StepState) -> StepOut
 def run_ppo(cfg: PPOConfig, progress: bool = True) -> PPOResult:
     """Run stage 3 and save the policy to `--save_path` (the critic to `save_path/critic`)."""
     cfg.validate()
+    check_plan_fits(cfg)
     jobs = make_jobs(cfg)
     n_prompts = count_prompts(jobs)
     cpus = cfg.roles.cpus() + cfg.cluster.trainers * (cfg.cluster.cpus_per_trainer or 1.0)

@@ -16,7 +16,7 @@ from typing import Any
 from coati_ray.algos.advantages import NEEDS_CRITIC
 from coati_ray.cluster.ppo_groups import CriticGroup, PolicyGroup
 from coati_ray.defaults import demo_file
-from coati_ray.errors import ConfigError, DataError
+from coati_ray.errors import ConfigError, DataError, ModelLoadError
 from coati_ray.ppo_config import (
     PPO_PRESET_CRITIC_LR,
     PPO_PRESET_LR,
@@ -48,15 +48,22 @@ def make_jobs(cfg: PPOConfig) -> PPOJobs:
     from coati_ray.models.loading import check_family, load_config
 
     model, run, ro, obj = cfg.model, cfg.run, cfg.rollout, cfg.objective
+    # The paths given first, each a readable model, before the demo models are made (which starts Ray).
+    given = (("pretrain", model.pretrain), ("rm_path", run.rm_path), ("critic_pretrain", run.critic_pretrain))
+    for name, path in given:
+        if path is not None:
+            if not Path(path).exists():
+                raise ConfigError(name, f"{path}: no such model directory")
+            try:
+                load_config(path)
+            except ModelLoadError as e:
+                raise ConfigError(name, f"{path} is not a model directory: {e}") from None
     policy_path, rm_path = model.pretrain, run.rm_path
     if policy_path is None or rm_path is None:
         from coati_ray.pipelines.demo_models import ensure_demo_models
 
         demo = ensure_demo_models(model.preset_size, cfg.cluster)
         policy_path, rm_path = policy_path or demo["sft"], rm_path or demo["rm"]
-    for name, path in (("pretrain", policy_path), ("rm_path", rm_path), ("critic_pretrain", run.critic_pretrain)):
-        if path is not None and not Path(path).exists():
-            raise ConfigError(name, f"{path}: no such model directory")
     check_family(load_config(policy_path), model.model, policy_path)
     prompt_file = run.prompt_dataset or demo_file("prompts_train.jsonl")
     pretrain_file = run.pretrain_dataset or (demo_file("pretrain.jsonl") if obj.ptx_coef > 0 else None)
@@ -80,6 +87,35 @@ def make_jobs(cfg: PPOConfig) -> PPOJobs:
                            update=update(run.critic_lr, PPO_PRESET_CRITIC_LR, PPO_PRETRAINED_CRITIC_LR),
                            objective=obj, n_samples_per_prompt=ro.n_samples_per_prompt)
     return PPOJobs(policy_path, rm_path, prompt_file, rollout, policy, critic)
+
+
+PROCESS_GB = 0.6  # one actor process: Python, torch and a small model (each measured at ~0.5 GB on CPU)
+
+
+def check_plan_fits(cfg: PPOConfig) -> None:
+    """Refuse a plan whose actor processes cannot fit this machine's memory, before an embedded Ray
+    starts them (64 generators on a 2-core, 24 GB machine started 58 workers, then hung); say how
+    much the actors share the cores when they ask for more CPUs than it has."""
+    import os
+
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster's nodes, not this machine, hold the actors (and it may autoscale)
+    roles = cfg.roles
+    critics = roles.critic_trainers if NEEDS_CRITIC[cfg.objective.advantage_estimator] else 0
+    processes = roles.actors + roles.ref_workers + roles.reward_workers + critics + cfg.cluster.trainers + 2
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    if processes * PROCESS_GB > 0.9 * memory_gb:
+        raise ConfigError("actors", f"{processes} actor processes ({roles.actors} generators, {roles.ref_workers} "
+                          f"reference, {roles.reward_workers} reward, {critics} critic, {cfg.cluster.trainers} "
+                          f"trainer, buffer, control) need about {processes * PROCESS_GB:.0f} GB ({PROCESS_GB} GB "
+                          f"each) but this machine has {memory_gb:.0f} GB; lower --actors or the other counts, "
+                          "or join a cluster with --address")
+    cores = os.cpu_count() or 1
+    cpus = roles.cpus() + cfg.cluster.trainers * (cfg.cluster.cpus_per_trainer or 1.0)
+    if cpus > cores:
+        logger.warning("the roles reserve %g CPUs on this %d-core machine: %d actor processes share the cores "
+                       "(%.1f CPUs reserved per core), so each runs slower than alone", cpus, cores, processes,
+                       cpus / cores)
 
 
 def count_prompts(jobs: PPOJobs) -> int:

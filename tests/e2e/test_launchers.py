@@ -26,6 +26,8 @@ def run(script: str, *args: str, timeout: int = 300, env: dict | None = None) ->
     (["--batch_size", "0"], "error: --batch_size: must be >= 1"),
     (["--model", "gpt2", "--pretrain", "{micro}"], "holds a 'llama' model, not 'gpt2'"),
     (["--dataset", "{missing}"], "no such file or directory"),
+    (["--lr", "nan"], "error: --lr: must be a finite number, got nan"),
+    (["--warmup_ratio", "nan"], "error: --warmup_ratio: must be a finite number, got nan"),
 ])
 def test_bad_flags_give_one_clear_line_and_exit_2(args, expected, micro_model, tmp_path):
     args = [a.format(micro=micro_model, missing=tmp_path / "nope.jsonl") for a in args]
@@ -78,13 +80,22 @@ def test_launcher_joins_a_running_cluster_with_address(ray_cluster, tmp_path):
     (["--experience_batch_size", "12", "--train_batch_size", "8"], "error: --train_batch_size: a step's 12 samples"),
     (["--rm_path", "/nonexistent/rm"], "error: --rm_path: /nonexistent/rm: no such model directory"),
     (["--custom_resources", "{\"gpu_box\": 1}"], "error: --custom_resources: expected a JSON object {role:"),
+    # issue 15: values that compared False with every bound, and plans and paths caught only after Ray started
+    (["--lr", "nan"], "error: --lr: must be a finite number, got nan"),
+    (["--kl_coef", "inf"], "error: --kl_coef: must be a finite number, got inf"),
+    (["--grad_clip", "nan"], "error: --grad_clip: must be a finite number, got nan"),
+    (["--actors", "64"], "error: --actors: 70 actor processes (64 generators"),
+    (["--rm_path", "{tmp}"], "is not a model directory"),
+    (["--resume", "{tmp}"], "is not a PPO checkpoint (no ppo_state.json in it)"),
 ])
 def test_ppo_bad_flags_give_one_clear_line_and_exit_2(args, expected, micro_model, tmp_path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     p = run("ppo_cluster.py", "--pretrain", micro_model, "--rm_path", micro_model, *args,
             "--save_path", str(tmp_path / "ppo"))
     assert p.returncode == 2, p.stderr[-2000:]
     assert expected in p.stderr
     assert "Traceback" not in p.stderr
+    assert "starting a local Ray" not in p.stderr  # refused before any actor (or Ray) starts
 
 
 def test_ppo_launcher_bad_prompt_row_names_file_and_line_before_ray_starts(micro_model, tmp_path):
