@@ -80,20 +80,50 @@ def get_restartable(call, timeout_s: float = 900.0):
             time.sleep(0.5)
 
 
-def get_all(refs: list) -> list:
-    """`get_unwrapped` of every ref, raising as soon as *any* fails.
+def watchdog_s() -> float:
+    """How long a group call may run before the driver gives up on it ($COATI_WATCHDOG_S, default
+    one hour: far above any step here, far below a weekend spent waiting on a stuck collective)."""
+    return float(os.environ.get("COATI_WATCHDOG_S", "3600"))
+
+
+class StuckError(RuntimeError):
+    """A remote call ran past the watchdog: most often ranks that no longer agree on a collective."""
+
+
+def get_all(refs: list, labels: list[str] | None = None, timeout_s: float | None = None) -> list:
+    """`get_unwrapped` of every ref, raising as soon as *any* fails, or StuckError once `timeout_s`
+    (default `watchdog_s()`) passes with some still running; `labels` name the calls in that message.
 
     The ranks of a group meet in collectives: when one dies, the others block in the next
     collective, so waiting for the refs in order would hang on a live rank instead of reporting
-    the dead one.
+    the dead one; when one never joins, all wait forever, which the watchdog turns into an error.
     """
+    wait_each(refs, labels, timeout_s)
+    return get_unwrapped(refs)
+
+
+def wait_each(refs: list, labels: list[str] | None = None, timeout_s: float | None = None,
+              skip_first: bool = False) -> None:
+    """Wait for every ref, raising the first failure as it arrives, or StuckError past the watchdog.
+    `skip_first`: leave refs[0]'s value unfetched (rank 0's result stays in the object store)."""
+    import time
+
     import ray
 
+    timeout_s = watchdog_s() if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
     left = list(refs)
     while left:
-        done, left = ray.wait(left, num_returns=1)
-        get_unwrapped(done)
-    return get_unwrapped(refs)
+        done, left = ray.wait(left, num_returns=1, timeout=max(0.0, deadline - time.monotonic()),
+                              fetch_local=not skip_first)
+        if not done:
+            pending = [labels[refs.index(r)] if labels else f"call {refs.index(r)}" for r in left]
+            finished = len(refs) - len(left)
+            raise StuckError(f"waited {timeout_s:g} s for {', '.join(pending)} ({finished} of {len(refs)} "
+                             "finished): still running, most likely blocked in a collective that another rank "
+                             "never joined; raise $COATI_WATCHDOG_S if a step really takes this long")
+        if not (skip_first and done[0] is refs[0]):
+            get_unwrapped(done)  # raises if that call failed
 
 
 def process_group_backend(device) -> str:

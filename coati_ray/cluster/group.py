@@ -21,7 +21,7 @@ class TrainerGroup:
 
     def __init__(self, num_trainers: int, cpus_per_trainer: float = 1.0, gpus_per_trainer: float = 0.0,
                  local: bool = False, name_prefix: str = "trainer", resources: dict[str, float] | None = None):
-        self.n, self.local = num_trainers, local
+        self.n, self.local, self.name_prefix = num_trainers, local, name_prefix
         if local:
             if num_trainers != 1:
                 raise ValueError("local (in-process) mode runs exactly one trainer")
@@ -52,7 +52,11 @@ class TrainerGroup:
     def _call(self, method: str, *args, **kwargs) -> list[Any]:
         if self.local:
             return [getattr(w, method)(*args, **kwargs) for w in self.workers]
-        return get_all(self._call_refs(method, *args, **kwargs))
+        return get_all(self._call_refs(method, *args, **kwargs), self.labels(method))
+
+    def labels(self, method: str) -> list[str]:
+        """How each rank's call is named in a watchdog message: `trainer-1.evaluate`."""
+        return [f"{self.name_prefix}-{rank}.{method}" for rank in range(self.n)]
 
     def node_ids(self) -> list[str]:
         return self._call("node_id")

@@ -17,21 +17,17 @@ import torch
 from coati_ray.cluster.group import TrainerGroup
 from coati_ray.engines.generation import WeightUpdate
 from coati_ray.experience import Experience
-from coati_ray.runtime import get_all, get_unwrapped
+from coati_ray.runtime import get_all, get_unwrapped, wait_each
 from coati_ray.workers.critic import CriticWorker
 from coati_ray.workers.job import CriticJob, PolicyJob
 from coati_ray.workers.policy import PolicyTrainOut, PolicyWorker
 
 
-def _wait_all_get_first(refs: list) -> Any:
-    """Wait until every rank finished (surfacing errors), and return rank 0's ObjectRef unfetched."""
-    import ray
-
-    left = list(refs)
-    while left:  # any rank's failure surfaces at once (the others may be blocked in a collective)
-        done, left = ray.wait(left, num_returns=1, fetch_local=False)
-        if done[0] is not refs[0]:
-            get_unwrapped(done)  # None from the other ranks; raises if one failed
+def _wait_all_get_first(refs: list, labels: list[str]) -> Any:
+    """Wait until every rank finished (surfacing errors, bounded by the watchdog), and return rank
+    0's ObjectRef unfetched. Any rank's failure surfaces at once (the others may be blocked in a
+    collective)."""
+    wait_each(refs, labels, skip_first=True)
     return refs[0]
 
 
@@ -46,15 +42,14 @@ class PolicyGroup(TrainerGroup):
         """Start a PPO update on every rank; `finish_train` collects it (the critic trains meanwhile)."""
         return self._call_refs("ppo_train", refs, step)
 
-    @staticmethod
-    def finish_train(futures: list) -> tuple[dict[str, float], list[list[int]], list[int]]:
-        outs: list[PolicyTrainOut] = get_all(futures)
+    def finish_train(self, futures: list) -> tuple[dict[str, float], list[list[int]], list[int]]:
+        outs: list[PolicyTrainOut] = get_all(futures, self.labels("ppo_train"))
         ids = [sorted(i for o in outs for i in o.sample_ids[e]) for e in range(len(outs[0].sample_ids))]
         return outs[0].metrics, ids, outs[0].versions
 
     def publish(self, version: int) -> Any:
         """ObjectRef of the WeightUpdate for `version` (rank 0's return value, left in the object store)."""
-        return _wait_all_get_first(self._call_refs("publish", version))
+        return _wait_all_get_first(self._call_refs("publish", version), self.labels("publish"))
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port there (for a group the trainers open with others)."""
@@ -65,7 +60,7 @@ class PolicyGroup(TrainerGroup):
         return self._call_refs("run", fn, *args)
 
     def run(self, fn, *args) -> list:
-        return get_all(self.run_refs(fn, *args))
+        return get_all(self.run_refs(fn, *args), self.labels(getattr(fn, "__name__", "run")))
 
     def run_rank0_ref(self, fn, *args):
         """Start `fn(worker, *args)` on rank 0 only."""
@@ -84,10 +79,13 @@ class CriticGroup(TrainerGroup):
 
     def prepare(self, refs: list, step: int, kl_coef: float) -> Any:
         """ObjectRef of the step's finished Experience (values, advantages, returns)."""
-        return _wait_all_get_first(self._call_refs("prepare", refs, step, kl_coef))
+        return _wait_all_get_first(self._call_refs("prepare", refs, step, kl_coef), self.labels("prepare"))
 
     def start_train(self, step: int) -> list:
         return self._call_refs("train_values", step)
+
+    def finish_train(self, futures: list) -> dict[str, float]:
+        return get_all(futures, self.labels("train_values"))[0]
 
 
 __all__ = ["CriticGroup", "Experience", "PolicyGroup", "WeightUpdate"]

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from coati_ray.algos.kl import make_kl_controller
-from coati_ray.cluster.ppo_groups import PolicyGroup
 from coati_ray.cluster.ray_env import init_ray
 from coati_ray.errors import ConfigError
 from coati_ray.pipelines import ppo_state
@@ -85,7 +84,7 @@ def ppo_step(step: int, cfg: PPOConfig, actors: Roles, st: StepState) -> StepOut
         st.producing.append(actors.buffer.produce.remote(st.next_d, st.ticket.version, st.ticket, st.kl_ctl.value))
         st.next_d += 1
     # 2. take the step's experience: references and small metadata only
-    taken = get_unwrapped(actors.buffer.take.remote(step, cfg.step_samples(), step - k))
+    taken = get_all([actors.buffer.take.remote(step, cfg.step_samples(), step - k)], [f"buffer-0.take(step {step})"])[0]
     done, st.producing = ray.wait(st.producing, num_returns=len(st.producing), timeout=0)
     get_unwrapped(done)
     refs, t_exp = [r for r, _ in taken], time.perf_counter()
@@ -95,8 +94,8 @@ def ppo_step(step: int, cfg: PPOConfig, actors: Roles, st: StepState) -> StepOut
     # 4. update policy and critic at once
     pf = actors.policy.start_train(exp_refs, step)
     cf = actors.critic.start_train(step) if actors.critic else None
-    pm, ids, versions = PolicyGroup.finish_train(pf)
-    cm = get_all(cf)[0] if cf else {}
+    pm, ids, versions = actors.policy.finish_train(pf)
+    cm = actors.critic.finish_train(cf) if cf else {}
     t_train = time.perf_counter()
     # 5. weight sync: every generator holds (or fetches before its next rollout) weights step + 1
     st.ticket = actors.sync.publish(step + 1)
@@ -152,8 +151,8 @@ def _set_up(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int) -> tup
     total = spe * run.num_episodes if run.max_steps is None else min(spe * run.num_episodes, run.max_steps)
     futs = actors.policy.start_setup(jobs.policy)
     cfuts = actors.critic.start_setup(jobs.critic) if actors.critic else []
-    info = get_all(futs)[0]
-    cinfo = get_all(cfuts)[0] if cfuts else None
+    info = get_all(futs, actors.policy.labels("setup"))[0]
+    cinfo = get_all(cfuts, actors.critic.labels("setup"))[0] if cfuts else None
     logger.info("ppo: %d prompts, %d steps (%d per episode), %d samples per step; policy %.2fM params "
                 "(%.2fM trainable, lr %.1e)%s; %d generators, %d trainers, %s", n_prompts, total, spe,
                 cfg.step_samples(), info["params"] / 1e6, info["trainable_params"] / 1e6, info["lr"],

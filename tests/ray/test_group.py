@@ -24,3 +24,25 @@ def test_dead_ranks_names_exactly_the_killed_ranks(ray_cluster):
         for w in group.workers:
             ray.kill(w, no_restart=True)
         ray.util.remove_placement_group(group.pg)
+
+
+def test_a_rank_stuck_in_a_collective_becomes_an_error_that_names_it(ray_cluster):
+    """Issue 15: a stuck collective must become an error, not silence. Rank 0 enters a barrier that
+    rank 1 never joins; the group call gives up after the watchdog and names the stuck call."""
+    import pytest
+
+    from coati_ray.cluster.group import TrainerGroup
+    from coati_ray.runtime import StuckError, get_all
+
+    ray = ray_cluster
+    group = TrainerGroup(2, cpus_per_trainer=0.5, name_prefix="stuckcheck")
+    try:
+        stuck = [group.workers[0].barrier.remote()]  # rank 1 never calls barrier: rank 0 waits in gloo
+        with pytest.raises(StuckError, match=r"waited 3 s for stuckcheck-0\.barrier \(0 of 1 finished\)"):
+            get_all(stuck, ["stuckcheck-0.barrier"], timeout_s=3.0)
+        assert group.labels("evaluate") == ["stuckcheck-0.evaluate", "stuckcheck-1.evaluate"]
+        assert get_all([group.workers[1].node_id.remote()], timeout_s=30.0)  # the free rank still answers
+    finally:
+        for w in group.workers:
+            ray.kill(w, no_restart=True)
+        ray.util.remove_placement_group(group.pg)
