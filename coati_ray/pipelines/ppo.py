@@ -63,6 +63,7 @@ class StepState:
     kl_ctl: Any  # KL coefficient controller (fixed or adaptive)
     next_d: int  # the next data step to ask the buffer for
     producing: list = field(default_factory=list)  # buffer.produce futures (they fail when a rollout fails)
+    updating: bool = False  # the trainers started this step's update: their state is no step's whole state
 
 
 @dataclass
@@ -92,6 +93,7 @@ def ppo_step(step: int, cfg: PPOConfig, actors: Roles, st: StepState) -> StepOut
     exp_refs = [actors.critic.prepare(refs, step, st.kl_ctl.value)] if actors.critic else refs
     t_values = time.perf_counter()
     # 4. update policy and critic at once
+    st.updating = True
     pf = actors.policy.start_train(exp_refs, step)
     cf = actors.critic.start_train(step) if actors.critic else None
     pm, ids, versions = actors.policy.finish_train(pf)
@@ -188,7 +190,7 @@ def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress:
             scale_generators(actors, target)
             drop_lost_generators(actors)
             out = ppo_step(step, cfg, actors, st)
-            step, m = step + 1, out.metrics
+            step, m, st.updating = step + 1, out.metrics, False
             result.history.append(m)
             result.trained_ids.append(out.trained_ids)
             result.made_ids.append(sorted(i for _, c in out.taken for i in c.sample_ids))
@@ -205,8 +207,7 @@ def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress:
             if cfg.run.ckpt_interval and step % cfg.run.ckpt_interval == 0 and step < total:
                 ppo_state.save_checkpoint(actors, save, step, st.kl_ctl)
     except KeyboardInterrupt:
-        logger.warning("interrupted at step %d; saving a checkpoint so --resume can continue", step)
-        ppo_state.save_checkpoint(actors, save, step, st.kl_ctl)
+        ppo_state.save_on_interrupt(actors, save, step, st.kl_ctl, st.updating)
         raise
     except Exception as e:  # a dead trainer rank: one clear message, pointing at the checkpoint to resume
         ppo_state.stop_if_trainer_died(actors, save, step, e)

@@ -35,6 +35,21 @@ def save_checkpoint(actors: Roles, save: Path, step: int, kl_ctl) -> None:
     os.replace(tmp, final)
 
 
+def save_on_interrupt(actors: Roles, save: Path, step: int, kl_ctl, updating: bool) -> None:
+    """Ctrl-C: a checkpoint at `step` only when the trainers hold exactly `step` updates. Once step
+    `step + 1`'s update has started they may hold part of it (or all of it, before the KL controller
+    saw it): a checkpoint labelled `step` would then apply that update twice on --resume."""
+    from coati_ray.pipelines.supervised import latest_checkpoint
+
+    if not updating:
+        logger.warning("interrupted at step %d; saving a checkpoint so --resume can continue", step)
+        save_checkpoint(actors, save, step, kl_ctl)
+        return
+    last = latest_checkpoint(str(save), marker="ppo_state.json")
+    logger.warning("interrupted during step %d's update: no checkpoint written (the trainers may hold part of "
+                   "that step); --resume auto continues from %s", step + 1, last or "the start (no checkpoint yet)")
+
+
 def resume(cfg: PPOConfig, actors: Roles, kl_ctl) -> int:
     """Load the checkpoint --resume names, if any; the step to start from."""
     from coati_ray.pipelines.supervised import resume_checkpoint

@@ -56,6 +56,12 @@ class PolicyWorker(PPORank):
                                job.lora["target_modules"], "causal_lm")
         return model
 
+    def counters(self) -> dict[str, int]:
+        return {"ptx_updates": self.updates}  # where the PTX data resumes
+
+    def restore_counters(self, meta: dict) -> None:
+        self.updates = meta.get("ptx_updates", 0)
+
     # --- training -----------------------------------------------------------------------------------
     def _ptx_batch(self) -> dict[str, torch.Tensor]:
         tbs, n = self.update.train_batch_size, len(self.ptx)

@@ -99,6 +99,13 @@ class RankWorker:
             tmp.rmdir()
         self.barrier()
 
+    def counters(self) -> dict[str, int]:
+        """A subclass's own counters that a resumed run needs (e.g. the PTX data position)."""
+        return {}
+
+    def restore_counters(self, meta: dict[str, Any]) -> None:
+        """Set the counters `counters()` saved, from a checkpoint's trainer_state.json."""
+
     def save_checkpoint(self, path: str, extra: dict[str, Any]) -> None:
         """A resumable checkpoint: model, optimizer, scheduler, step, and every rank's RNG state."""
         model_sd, optim_sd = self.strategy.state_dicts(self.model, self.optimizer)
@@ -115,7 +122,8 @@ class RankWorker:
             torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
                         "rng": rngs}, tmp / "state.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world_size,
-                                                                "stage": self.stage, **extra}, indent=1))
+                                                                "stage": self.stage, **self.counters(), **extra},
+                                                               indent=1))
             if Path(path).exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)  # the previous checkpoint stays valid until this rename
@@ -127,6 +135,7 @@ class RankWorker:
         self.strategy.load_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = meta["step"]
+        self.restore_counters(meta)
         rngs = state["rng"]
         if len(rngs) == self.world_size:  # same layout: each rank continues its own stream
             random.setstate(rngs[self.rank]["python"])

@@ -81,9 +81,10 @@ def test_async_mode_bounds_staleness_and_keeps_every_sample(models, tmp_path):
 
 
 def test_stopped_and_resumed_run_ends_where_an_uninterrupted_one_ends(models, tmp_path):
-    full = ppo(models, tmp_path / "full", max_steps=4)
-    ppo(models, tmp_path / "split", max_steps=2)
-    resumed = ppo(models, tmp_path / "split", max_steps=4, resume=True)
+    # with PTX: the policy's PTX data position is part of the checkpoint (issue 15)
+    full = ppo(models, tmp_path / "full", max_steps=4, ptx_coef=0.1)
+    ppo(models, tmp_path / "split", max_steps=2, ptx_coef=0.1)
+    resumed = ppo(models, tmp_path / "split", max_steps=4, resume=True, ptx_coef=0.1)
     assert resumed.start_step == 2 and len(resumed.history) == 2
     for a, b in zip(full.history[2:], resumed.history):  # same samples, same updates
         assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-5)
@@ -91,4 +92,4 @@ def test_stopped_and_resumed_run_ends_where_an_uninterrupted_one_ends(models, tm
     w0 = load_file(f"{models[0]}/model.safetensors")
     moved = max((wa[k] - w0[k]).abs().max().item() for k in wa)
     assert moved > 1e-4
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 0.01 * moved
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) == 0.0  # exact: hf backend, CPU, same threads
