@@ -98,9 +98,9 @@ class Soak:
         return r.json()
 
     def sample(self, t0: float, base_stats: dict, last: dict | None) -> dict:
-        s = self.stats()
-        with self.lock:
+        with self.lock:  # before /stats: a request sent while /stats is answered cannot count as waiting
             accepted, in_flight = self.sent - self.refused, self.in_flight
+        s = self.stats()
         row = {"t": round(time.monotonic() - t0, 2), "rss_mb": rss_bytes(self.pid) / 2**20, "in_flight": in_flight,
                **{k: s.get(k, 0) - base_stats.get(k, 0) for k in ("requests", "batches", "tokens")},
                "max_batch": s.get("max_batch", 0)}
@@ -211,19 +211,21 @@ class Soak:
 
     # ------------------------------------------------------------ the run
 
-    def drain(self, t0: float, base_stats: dict) -> tuple[bool, float]:
-        """Poll /stats until nothing waits and no token is made between two polls; (drained, seconds)."""
+    def drain(self, t0: float, base_stats: dict) -> tuple[bool, float, dict]:
+        """Poll /stats until nothing waits and no token is made between two polls 0.5 s apart, at most
+        `drain_s`; (drained, seconds waited, the last sample)."""
         start = time.monotonic()
         deadline = start + self.drain_s
         last = self.sample(t0, base_stats, None)
-        while time.monotonic() < deadline:
+        while True:
             time.sleep(0.5)
             now = self.sample(t0, base_stats, last)
             self.samples.append(now)
             if now["waiting"] == 0 and now["in_flight"] == 0 and now["generating"] == 0:
-                return True, time.monotonic() - start
+                return True, time.monotonic() - start, now
+            if time.monotonic() >= deadline:
+                return False, time.monotonic() - start, now
             last = now
-        return False, time.monotonic() - start
 
     def run(self) -> dict:
         base_stats = self.stats()
@@ -242,8 +244,7 @@ class Soak:
         load_s = time.monotonic() - t0
         self.stop_sampling.set()
         sampler.join(timeout=30)
-        drained, drain_wait = self.drain(t0, base_stats)
-        end = self.sample(t0, base_stats, None)
+        drained, drain_wait, end = self.drain(t0, base_stats)
         return self.summary(rss_start, end, drained, drain_wait, load_s, stuck)
 
     def summary(self, rss_start: float, end: dict, drained: bool, drain_wait: float, load_s: float,
@@ -358,7 +359,7 @@ def main() -> int:
     ap.add_argument("--model", default="micro", help="micro, tiny (presets) or an HF model directory")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients")
     ap.add_argument("--seconds", type=float, default=120.0, help="how long the clients send requests")
-    ap.add_argument("--max_requests", type=int, default=20_000, help="requests sent at most, all clients together")
+    ap.add_argument("--max_requests", type=int, default=50_000, help="requests sent at most, all clients together")
     ap.add_argument("--warmup_s", type=float, default=10.0, help="RSS growth is measured from this second on")
     ap.add_argument("--drain_s", type=float, default=60.0, help="how long to wait for pending work to end")
     ap.add_argument("--max_tokens", type=int, default=32, help="largest max_tokens of a request (4..this)")
