@@ -104,7 +104,11 @@ def check_plan_fits(cfg: PPOConfig) -> None:
     critics = roles.critic_trainers if NEEDS_CRITIC[cfg.objective.advantage_estimator] else 0
     processes = roles.actors + roles.ref_workers + roles.reward_workers + critics + cfg.cluster.trainers + 2
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    if processes * PROCESS_GB > 0.9 * memory_gb:
+    need_gb = processes * PROCESS_GB
+    if 0.7 * memory_gb < need_gb <= memory_gb:
+        logger.warning("%d actor processes need about %.0f GB of this machine's %.0f GB: close to what it has",
+                       processes, need_gb, memory_gb)
+    if need_gb > memory_gb:
         raise ConfigError("actors", f"{processes} actor processes ({roles.actors} generators, {roles.ref_workers} "
                           f"reference, {roles.reward_workers} reward, {critics} critic, {cfg.cluster.trainers} "
                           f"trainer, buffer, control) need about {processes * PROCESS_GB:.0f} GB ({PROCESS_GB} GB "
