@@ -98,6 +98,10 @@ class TrainerGroup:
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         return self._call("load_checkpoint", path)[0]
 
+    def full_state(self) -> tuple[dict, dict]:
+        """Rank 0's full (model, optimizer) state dicts."""
+        return self._call("full_state")[0]
+
     def peak_memory_mb(self) -> list[float]:
         return self._call("peak_memory_mb")
 

@@ -66,6 +66,10 @@ class BoosterStrategy(Strategy):
     colossalai's own does).
     """
 
+    # ZeRO-2 and Gemini keep optimizer state in their own flat, sharded layouts, which the
+    # torch.distributed.checkpoint state_dict API cannot name: their checkpoints are gathered on rank 0.
+    sharded_checkpoint = False
+
     def __init__(self, name: str, device: torch.device, grad_clip: float = 0.0, accumulation_steps: int = 1,
                  dtype: str = "fp32"):
         super().__init__(device)

@@ -103,3 +103,24 @@ class Strategy(ABC):
             set_state_dict(inner, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
 
     shards_params = False
+    # Resumable checkpoints go through torch.distributed.checkpoint: each rank writes what it holds
+    # (its FSDP2 shards; DDP's replicated tensors are written once, spread over the ranks), and a
+    # checkpoint loads under another world size. False: gathered on rank 0 into one file (colossalai).
+    sharded_checkpoint = True
+
+    def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """{"model": ..., "optim": ...} as this rank holds them (DTensor shards under FSDP2), keyed by
+        parameter name: what `dcp.save` writes and, as a template of shapes, what `dcp.load` fills.
+        The optimizer's state exists before its first step too (the state_dict API creates it)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        inner = self.unwrap(model) if not self.shards_params else model
+        model_sd, optim_sd = get_state_dict(inner, optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Inverse of `checkpoint_state`, with `state` filled by `dcp.load`."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        inner = self.unwrap(model) if not self.shards_params else model
+        set_state_dict(inner, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -107,41 +107,91 @@ class RankWorker:
         """Set the counters `counters()` saved, from a checkpoint's trainer_state.json."""
 
     def save_checkpoint(self, path: str, extra: dict[str, Any]) -> None:
-        """A resumable checkpoint: model, optimizer, scheduler, step, and every rank's RNG state."""
-        model_sd, optim_sd = self.strategy.state_dicts(self.model, self.optimizer)
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        rngs: list[Any] = [None] * self.world_size
-        if self.world_size > 1:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
+        """A resumable checkpoint at `path`: model, optimizer, scheduler, step, and every rank's RNG state.
+
+        Sharded strategies (ddp, fsdp) write `shards/` with torch.distributed.checkpoint, each rank
+        what it holds, so no rank ever holds the whole optimizer state; the others gather into one
+        `state.pt` on rank 0. Written into `path.tmp` and renamed by rank 0 once every rank has
+        finished: a save killed midway leaves no directory that `--resume auto` would take (it
+        looks for `trainer_state.json`, written last). Every rank must see `path` (one machine, or
+        a shared filesystem for a group that spans nodes).
+        """
+        tmp = Path(path + ".tmp")
         if self.rank == 0:
-            tmp = Path(path + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
-                        "rng": rngs}, tmp / "state.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "world_size": self.world_size,
-                                                                "stage": self.stage, **self.counters(), **extra},
-                                                               indent=1))
+        self.barrier()
+        rank_state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                      "scheduler": self.scheduler.state_dict()}
+        if self.strategy.sharded_checkpoint:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(self.strategy.checkpoint_state(self.model, self.optimizer), checkpoint_id=str(tmp / "shards"),
+                     no_dist=not dist.is_initialized())  # one rank: no collectives to run
+            torch.save(rank_state, tmp / f"rank_{self.rank}.pt")
+            layout = "dcp"
+        else:
+            self._save_gathered(tmp, rank_state)
+            layout = "rank0"
+        self.barrier()  # every rank's files are complete
+        if self.rank == 0:
+            meta = {"step": self.step, "world_size": self.world_size, "stage": self.stage, "layout": layout,
+                    "strategy": self.strategy.name, **self.counters(), **extra}
+            (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
             if Path(path).exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)  # the previous checkpoint stays valid until this rename
         self.barrier()
 
+    def _save_gathered(self, tmp: Path, rank_state: dict) -> None:
+        model_sd, optim_sd = self.strategy.state_dicts(self.model, self.optimizer)
+        rngs: list[Any] = [None] * self.world_size
+        if self.world_size > 1:
+            dist.all_gather_object(rngs, rank_state)
+        else:
+            rngs = [rank_state]
+        if self.rank == 0:
+            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": rank_state["scheduler"],
+                        "rng": rngs}, tmp / "state.pt")
+
     def load_checkpoint(self, path: str) -> dict[str, Any]:
-        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
-        meta = json.loads((Path(path) / "trainer_state.json").read_text())
-        self.strategy.load_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        """Load a checkpoint written by `save_checkpoint`, under this group's world size (which may
+        differ from the writer's: the weights and optimizer state load exactly, each rank's RNG
+        stream continues only under the same world size)."""
+        ckpt = Path(path)
+        meta = json.loads((ckpt / "trainer_state.json").read_text())
+        if (ckpt / "shards").is_dir():
+            if not self.strategy.sharded_checkpoint:
+                from coati_ray.errors import ConfigError
+
+                raise ConfigError("resume", f"{path} was written by --strategy {meta.get('strategy')} (sharded); "
+                                  f"--strategy {self.strategy.name} reads only its own rank-0 checkpoints")
+            import torch.distributed.checkpoint as dcp
+
+            state = self.strategy.checkpoint_state(self.model, self.optimizer)  # the shapes to fill
+            dcp.load(state, checkpoint_id=str(ckpt / "shards"), no_dist=not dist.is_initialized())
+            self.strategy.load_checkpoint_state(self.model, self.optimizer, state)
+            own = ckpt / f"rank_{self.rank}.pt"
+            rank_state = torch.load(own if own.exists() else ckpt / "rank_0.pt", map_location="cpu",
+                                    weights_only=False)
+            rngs = {self.rank: rank_state} if own.exists() else {}
+            scheduler = rank_state["scheduler"]
+        else:
+            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+            self.strategy.load_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+            rngs, scheduler = dict(enumerate(state["rng"])), state["scheduler"]
+        self.scheduler.load_state_dict(scheduler)
         self.step = meta["step"]
         self.restore_counters(meta)
-        rngs = state["rng"]
-        if len(rngs) == self.world_size:  # same layout: each rank continues its own stream
-            random.setstate(rngs[self.rank]["python"])
+        if meta.get("world_size", len(rngs)) == self.world_size and self.rank in rngs:
+            random.setstate(rngs[self.rank]["python"])  # same layout: each rank continues its own stream
             torch.set_rng_state(rngs[self.rank]["torch"])
         self.barrier()
         return meta
+
+    def full_state(self) -> tuple[dict, dict]:
+        """(model, optimizer) state, full and on CPU on rank 0, empty elsewhere (every rank calls): for checks."""
+        return self.strategy.state_dicts(self.model, self.optimizer)
 
     def peak_memory_mb(self) -> float:
         """Peak resident memory of this process (Linux ru_maxrss is in KiB)."""

@@ -113,6 +113,50 @@ def test_resume_continues_exactly(ray_cluster, tmp_path, strategy):
     assert part.history[-1]["train/loss"] == pytest.approx(straight.history[-1]["train/loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("strategy,write,read", [("ddp", 2, 1), ("fsdp", 2, 1), ("fsdp", 1, 2)])
+def test_a_checkpoint_loads_under_another_world_size(ray_cluster, tmp_path, strategy, write, read):
+    """Sharded (torch.distributed.checkpoint) checkpoints: each rank writes its part; a group of
+    another size reads them back into the same full model and optimizer state, exactly."""
+    from coati_ray.cluster.group import TrainerGroup
+    from coati_ray.pipelines.supervised import make_job
+
+    def group_of(n: int, name: str):
+        ta = TrainArgs(strategy=strategy, batch_size=4, max_steps=4, save_path=str(tmp_path / name),
+                       warmup_ratio=0.0)
+        g = TrainerGroup(n, 1.0, 0.0)
+        g.setup(make_job("sft", ModelArgs(preset_size="micro"), SFTDataArgs(max_samples=64), ta, None))
+        return g
+
+    writer = group_of(write, "w")
+    try:
+        for _ in range(2):
+            writer.train_step()
+        ckpt = tmp_path / "ckpt"
+        writer.save_checkpoint(str(ckpt), {})
+        saved = writer.full_state()
+    finally:
+        writer.shutdown()
+    files = sorted(p.name for p in (ckpt / "shards").iterdir())
+    assert files == [".metadata"] + [f"__{r}_0.distcp" for r in range(write)], files  # one file per rank
+    assert not (ckpt / "state.pt").exists() and not Path(str(ckpt) + ".tmp").exists()
+    reader = group_of(read, "r")
+    try:
+        meta = reader.load_checkpoint(str(ckpt))
+        loaded = reader.full_state()
+    finally:
+        reader.shutdown()
+    assert meta["step"] == 2 and meta["world_size"] == write and meta["layout"] == "dcp"
+    model_a, optim_a = saved
+    model_b, optim_b = loaded
+    assert max_diff(model_a, model_b) == 0.0
+    state_a, state_b = optim_a["state"], optim_b["state"]
+    assert state_a.keys() == state_b.keys() and len(state_a) == len(model_a)
+    for name in state_a:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state_a[name][k], state_b[name][k]), (name, k)
+    assert any(state_a[n]["exp_avg"].abs().sum() > 0 for n in state_a)  # two real steps are in it
+
+
 def test_lora_trains_only_adapter_parameters(tmp_path):
     from coati_ray.cluster.group import TrainerGroup
     from coati_ray.pipelines.supervised import make_job
@@ -184,3 +228,57 @@ def test_two_trainers_finish_when_the_eval_set_is_smaller_than_the_world(ray_clu
         assert r.final_eval["eval/loss"] > 0  # the one eval row was scored, once
     else:
         assert r.final_eval == {}  # nothing to evaluate: no metric rather than a made-up 0
+
+
+KILLED_SAVER = """
+import sys
+from coati_ray.cluster.group import TrainerGroup
+from coati_ray.config import ModelArgs, SFTDataArgs, TrainArgs
+from coati_ray.pipelines.supervised import make_job
+ta = TrainArgs(batch_size=2, max_steps=1000, save_path=sys.argv[1], warmup_ratio=0.0)
+g = TrainerGroup(1, 1.0, 0.0, local=True)
+g.setup(make_job("sft", ModelArgs(preset_size="tiny"), SFTDataArgs(max_samples=16, max_len=32), ta, None))
+for step in range(1, 1000):  # save after every step until killed
+    g.train_step()
+    g.save_checkpoint(sys.argv[1] + f"/checkpoints/step_{step}", {})
+    print("saved", step, flush=True)
+"""
+
+
+def test_a_save_killed_midway_is_never_resumed_from(tmp_path):
+    """SIGKILL while a checkpoint is being written: --resume auto takes the last complete one, which
+    loads, and the next save clears the unfinished one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from coati_ray.cluster.group import TrainerGroup
+    from coati_ray.pipelines.supervised import make_job
+    from coati_ray.run_dir import latest_checkpoint, prune_checkpoints
+
+    save = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVER, str(save)], stdout=subprocess.PIPE, text=True)
+    ckpts, deadline, caught = save / "checkpoints", time.monotonic() + 120, None
+    try:
+        assert proc.stdout.readline().split() == ["saved", "1"]  # one complete checkpoint first
+        while caught is None and time.monotonic() < deadline and proc.poll() is None:
+            # a save in progress that has written part of its shards
+            caught = next((d for d in ckpts.glob("step_*.tmp") if any(d.glob("shards/*.distcp"))), None)
+        assert caught is not None, "never saw a checkpoint being written within 120 s"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    caught_step = int(caught.name.removeprefix("step_").removesuffix(".tmp"))
+    assert caught.exists() and not (caught / "trainer_state.json").exists()
+    last = latest_checkpoint(str(save))
+    assert last is not None and int(last.rsplit("_", 1)[1]) < caught_step
+    g = TrainerGroup(1, 1.0, 0.0, local=True)
+    try:
+        ta = TrainArgs(batch_size=2, max_steps=1000, save_path=str(save), warmup_ratio=0.0)
+        g.setup(make_job("sft", ModelArgs(preset_size="tiny"), SFTDataArgs(max_samples=16, max_len=32), ta, None))
+        assert g.load_checkpoint(last)["step"] == int(last.rsplit("_", 1)[1])
+    finally:
+        g.shutdown()
+    assert caught in prune_checkpoints(str(save), 2, "trainer_state.json") and not caught.exists()
