@@ -126,9 +126,18 @@ class RunArgs:
     resume: str = _help("'auto' (or a bare --resume): continue from the latest checkpoint under --save_path, "
                         "starting fresh when there is none; a checkpoint directory: continue from it; 'no': "
                         "start fresh.", default="no")
+    overwrite: bool = _help("Start fresh in a --save_path that holds a previous run: remove its checkpoints/, "
+                            "tensorboard/ and run.json first (without this, such a directory is refused unless "
+                            "--resume continues it).", default=False)
+    keep_checkpoints: int = _help("Keep the newest N resumable checkpoints under --save_path/checkpoints and "
+                                  "delete older ones (0: keep all).", default=2)
 
     def validate(self) -> None:
+        from coati_ray.run_dir import check_save_path
+
         check_resume(self)
+        check_save_path(self.save_path, self.resume, self.overwrite)
+        _at_least(self, 0, "keep_checkpoints")
         _at_least(self, 1, "log_interval")
         _at_least(self, 0, "ckpt_interval")
 

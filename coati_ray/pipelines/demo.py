@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 class DemoArgs(DemoRecipeArgs):
     """The demo's flags: the recipe's steps 1-2 (`DemoRecipeArgs`), PPO, evaluation and where it runs."""
 
-    out: str = _help("Output directory (sft/, rm/, ppo/, demo_summary.json).", default="outputs/demo")
+    out: str = _help("Output directory (sft/, rm/, ppo/, demo_summary.json); a previous demo's outputs there are "
+                     "replaced.", default="outputs/demo")
     trainers: int = _help("Trainer actors of every stage (one torch.distributed group).", default=1)
     actors: int = _help("PPO generator actors.", default=1)
     ppo_steps: int = _help("PPO steps.", default=30)
@@ -74,7 +75,7 @@ def run_demo(a: DemoArgs) -> dict:
         pretrain=str(out / "sft"), rm_path=str(out / "rm"), strategy=a.strategy, max_steps=a.ppo_steps, lr=a.ppo_lr,
         critic_lr=a.critic_lr, experience_batch_size=32, train_batch_size=16 // a.trainers or 1, max_new_tokens=32,
         seed=a.seed, save_path=str(out / "ppo"), log_interval=5, actors=a.actors, trainers=a.trainers,
-        address=a.address))
+        address=a.address, overwrite=True))
     t_ppo = time.perf_counter() - t1
     prompts = held_out_prompts(a.eval_prompts)
     tok = load_tokenizer(str(out / "sft"))

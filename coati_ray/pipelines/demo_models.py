@@ -48,7 +48,7 @@ def train_stage12(a: DemoRecipeArgs, out: Path, cluster: ClusterArgs) -> dict:
 
     def ta(path: str, epochs: int, lr: float) -> TrainArgs:
         return TrainArgs(strategy=a.strategy, batch_size=a.batch_size, max_epochs=epochs, lr=lr, log_interval=50,
-                         save_path=str(out / path), seed=a.seed)
+                         save_path=str(out / path), seed=a.seed, overwrite=True)  # the recipe reruns from scratch
 
     t0 = time.perf_counter()
     sft = run_training("sft", ModelArgs(preset_size=a.preset_size), SFTDataArgs(), ta("sft", a.sft_epochs, a.sft_lr),

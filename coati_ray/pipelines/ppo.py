@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ from coati_ray.pipelines.ppo_roles import (
     scale_generators,
     start_roles,
 )
-from coati_ray.ppo_config import PPOConfig
+from coati_ray.ppo_config import PARTS, PPOConfig
+from coati_ray.run_dir import start_run
 from coati_ray.runtime import get_all, get_unwrapped
 from coati_ray.sync.base import WeightTicket
 
@@ -52,6 +53,7 @@ class PPOResult:
     trained_versions: list[list[int]] = field(default_factory=list)  # [step] weight version per sample
     made_by: list[list[int]] = field(default_factory=list)  # [step] generator index of each chunk
     placement: dict[str, str] = field(default_factory=dict)  # actor name -> Ray node id
+    run_id: str = ""  # the id in save_path/run.json that this run's checkpoints carry
 
 
 @dataclass
@@ -160,9 +162,10 @@ def _set_up(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int) -> tup
                 cfg.step_samples(), info["params"] / 1e6, info["trainable_params"] / 1e6, info["lr"],
                 f", critic lr {cinfo['lr']:.1e}" if cinfo else "", len(actors.generators), actors.policy.n,
                 "on-policy" if run.max_staleness == 0 else f"async (max_staleness {run.max_staleness})")
-    Path(run.save_path).mkdir(parents=True, exist_ok=True)
+    run_id = start_run(run.save_path, "ppo", run.resume, run.overwrite,
+                       {part: asdict(getattr(cfg, part)) for part in PARTS})
     kl_ctl = make_kl_controller(cfg.objective.kl_coef, cfg.objective.kl_target, cfg.objective.kl_horizon)
-    result = PPOResult(run.save_path, total, placement=actors.placement())
+    result = PPOResult(run.save_path, total, placement=actors.placement(), run_id=run_id)
     result.start_step = ppo_state.resume(cfg, actors, kl_ctl)
     get_unwrapped(actors.buffer.start_at.remote(result.start_step))
     # Generators start from the initial policy; after a resume they get the checkpoint's weights.
@@ -176,6 +179,7 @@ def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress:
 
     result, st = _set_up(cfg, jobs, actors, n_prompts)
     save, step, total = Path(cfg.run.save_path), result.start_step, st.total
+    keep = (result.run_id, cfg.run.keep_checkpoints)  # what every checkpoint records and how many stay
     writer = SummaryWriter(str(save / "tensorboard"))
     bar = tqdm(total=total, initial=step, desc="ppo", disable=not progress, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -205,9 +209,9 @@ def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress:
             if step % cfg.run.log_interval == 0 or step == total:
                 bar.write(ppo_state.metrics_line(step, total, m))
             if cfg.run.ckpt_interval and step % cfg.run.ckpt_interval == 0 and step < total:
-                ppo_state.save_checkpoint(actors, save, step, st.kl_ctl)
+                ppo_state.save_checkpoint(actors, save, step, st.kl_ctl, *keep)
     except KeyboardInterrupt:
-        ppo_state.save_on_interrupt(actors, save, step, st.kl_ctl, st.updating)
+        ppo_state.save_on_interrupt(actors, save, step, st.kl_ctl, st.updating, *keep)
         raise
     except Exception as e:  # a dead trainer rank: one clear message, pointing at the checkpoint to resume
         ppo_state.stop_if_trainer_died(actors, save, step, e)
@@ -215,5 +219,5 @@ def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress:
     finally:
         bar.close()
     writer.close()
-    ppo_state.save_final(cfg, jobs, actors, step, result.start_step, result.history, st.kl_ctl)
+    ppo_state.save_final(cfg, jobs, actors, result, step, st.kl_ctl)
     return result

@@ -21,29 +21,33 @@ def ckpt_dir(save: Path, step: int) -> Path:
     return save / "checkpoints" / f"step_{step}"
 
 
-def save_checkpoint(actors: Roles, save: Path, step: int, kl_ctl) -> None:
-    """policy/ + critic/ + ppo_state.json, written beside and renamed: a crash leaves the old one valid."""
+def save_checkpoint(actors: Roles, save: Path, step: int, kl_ctl, run_id: str, keep: int) -> None:
+    """policy/ + critic/ + ppo_state.json (last, naming the run), written beside and renamed: a crash
+    leaves the old one valid. Then only the newest `keep` checkpoints stay (0: all)."""
+    from coati_ray.run_dir import prune_checkpoints
+
     final = ckpt_dir(save, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    actors.policy.save_checkpoint(str(tmp / "policy"), {"step": step})
+    actors.policy.save_checkpoint(str(tmp / "policy"), {"step": step, "run_id": run_id})
     if actors.critic is not None:
-        actors.critic.save_checkpoint(str(tmp / "critic"), {"step": step})
-    (tmp / "ppo_state.json").write_text(json.dumps({"step": step, "kl": kl_ctl.state_dict()}))
+        actors.critic.save_checkpoint(str(tmp / "critic"), {"step": step, "run_id": run_id})
+    (tmp / "ppo_state.json").write_text(json.dumps({"step": step, "kl": kl_ctl.state_dict(), "run_id": run_id}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    prune_checkpoints(str(save), keep, "ppo_state.json")
 
 
-def save_on_interrupt(actors: Roles, save: Path, step: int, kl_ctl, updating: bool) -> None:
+def save_on_interrupt(actors: Roles, save: Path, step: int, kl_ctl, updating: bool, run_id: str, keep: int) -> None:
     """Ctrl-C: a checkpoint at `step` only when the trainers hold exactly `step` updates. Once step
     `step + 1`'s update has started they may hold part of it (or all of it, before the KL controller
     saw it): a checkpoint labelled `step` would then apply that update twice on --resume."""
-    from coati_ray.pipelines.supervised import latest_checkpoint
+    from coati_ray.run_dir import latest_checkpoint
 
     if not updating:
         logger.warning("interrupted at step %d; saving a checkpoint so --resume can continue", step)
-        save_checkpoint(actors, save, step, kl_ctl)
+        save_checkpoint(actors, save, step, kl_ctl, run_id, keep)
         return
     last = latest_checkpoint(str(save), marker="ppo_state.json")
     logger.warning("interrupted during step %d's update: no checkpoint written (the trainers may hold part of "
@@ -52,7 +56,7 @@ def save_on_interrupt(actors: Roles, save: Path, step: int, kl_ctl, updating: bo
 
 def resume(cfg: PPOConfig, actors: Roles, kl_ctl) -> int:
     """Load the checkpoint --resume names, if any; the step to start from."""
-    from coati_ray.pipelines.supervised import resume_checkpoint
+    from coati_ray.run_dir import resume_checkpoint
 
     run = cfg.run
     if run.resume == "no":
@@ -70,16 +74,17 @@ def resume(cfg: PPOConfig, actors: Roles, kl_ctl) -> int:
     return state["step"]
 
 
-def save_final(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, step: int, start_step: int, history: list, kl_ctl) -> None:
+def save_final(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, result, step: int, kl_ctl) -> None:
     """The last checkpoint, the policy (and critic) as HF directories, and ppo_summary.json."""
-    save = Path(cfg.run.save_path)
-    save_checkpoint(actors, save, step, kl_ctl)
+    save, history = Path(cfg.run.save_path), result.history
+    save_checkpoint(actors, save, step, kl_ctl, result.run_id, cfg.run.keep_checkpoints)
     actors.policy.save_model(cfg.run.save_path, cfg.model.merge_lora)
     if actors.critic:
         actors.critic.save_model(str(save / "critic"), cfg.model.merge_lora)
     get_unwrapped(actors.control.report.remote({"step": step, "state": "finished"}, {}))
     (save / "ppo_summary.json").write_text(json.dumps({
-        "steps": step, "start_step": start_step, "policy_init": jobs.policy_path, "reward_model": jobs.reward_path,
+        "steps": step, "start_step": result.start_step, "run_id": result.run_id, "policy_init": jobs.policy_path,
+        "reward_model": jobs.reward_path,
         "first": history[0] if history else None, "last": history[-1] if history else None,
         "ppo_args": {**asdict(cfg.run), **asdict(cfg.rollout), **asdict(cfg.objective)}}, indent=1))
     logger.info("saved the PPO policy to %s", cfg.run.save_path)
@@ -89,7 +94,7 @@ def stop_if_trainer_died(actors: Roles, save: Path, step: int, error: BaseExcept
     """Raise RunStopped when `error` came from a dead trainer or critic rank: the run cannot go on
     (its optimizer state died with it); the latest checkpoint is where --resume auto continues."""
     from coati_ray.errors import RunStopped
-    from coati_ray.pipelines.supervised import latest_checkpoint
+    from coati_ray.run_dir import latest_checkpoint
 
     dead = [f"{prefix}-{r}" for prefix, g in (("trainer", actors.policy), ("critic", actors.critic))
             if g is not None for r in g.dead_ranks()]

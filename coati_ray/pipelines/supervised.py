@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from coati_ray.config import (
 from coati_ray.defaults import demo_file
 from coati_ray.errors import ConfigError, DataError
 from coati_ray.models.loading import check_family, load_config, resolve_model_path
+from coati_ray.run_dir import prune_checkpoints, resume_checkpoint, start_run
 from coati_ray.workers.trainer import SetupInfo, TrainJob
 
 logger = logging.getLogger(__name__)
@@ -48,27 +48,11 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # train metrics of every step
     evals: list[dict[str, float]] = field(default_factory=list)
     start_step: int = 0
+    run_id: str = ""  # the id in save_path/run.json that this run's checkpoints carry
 
     @property
     def final_eval(self) -> dict[str, float]:
         return self.evals[-1] if self.evals else {}
-
-
-def latest_checkpoint(save_path: str, marker: str = "trainer_state.json") -> str | None:
-    """The complete checkpoint with the highest step under save_path/checkpoints (`marker` present)."""
-    ckpts = Path(save_path) / "checkpoints"
-    steps = [(int(m.group(1)), p) for p in ckpts.glob("step_*") if (m := re.fullmatch(r"step_(\d+)", p.name))
-             and (p / marker).exists()]
-    return str(max(steps)[1]) if steps else None
-
-
-def resume_checkpoint(resume: str, save_path: str, marker: str = "trainer_state.json") -> str | None:
-    """The checkpoint that --resume names: the latest under save_path for 'auto', else the path given."""
-    if resume == "auto":
-        return latest_checkpoint(save_path, marker)
-    if not (Path(resume) / marker).exists():
-        raise ConfigError("resume", f"{resume} is not a complete checkpoint (no {marker} in it)")
-    return resume
 
 
 def make_job(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainArgs, rm: RMArgs | None) -> TrainJob:
@@ -115,14 +99,27 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: Mod
                 info.steps_per_epoch, info.total_steps, info.params / 1e6, info.trainable_params / 1e6, info.lr)
     result = TrainResult(ta.save_path, info)
     save = Path(ta.save_path)
-    save.mkdir(parents=True, exist_ok=True)
+    run_id = start_run(ta.save_path, stage, ta.resume, ta.overwrite,
+                       {"model": asdict(ma), "data": asdict(job.data), "train": asdict(ta)})
+    result.run_id = run_id
+
+    def checkpoint(step: int) -> None:
+        group.save_checkpoint(str(save / "checkpoints" / f"step_{step}"),
+                              {"epoch": step // max(info.steps_per_epoch, 1), "run_id": run_id})
+        prune_checkpoints(ta.save_path, ta.keep_checkpoints, "trainer_state.json")
+
     if ta.resume != "no":
         ckpt = resume_checkpoint(ta.resume, ta.save_path)
         if ckpt is None:
             logger.warning("--resume: no checkpoint under %s/checkpoints; starting from step 0", ta.save_path)
         else:
-            result.start_step = group.load_checkpoint(ckpt)["step"]
+            meta = group.load_checkpoint(ckpt)
+            result.start_step = meta["step"]
             logger.info("resumed from %s at step %d", ckpt, result.start_step)
+            if meta.get("world_size", group.n) != group.n:
+                logger.warning("resumed with %d trainers from a checkpoint of %d: the weights and optimizer state "
+                               "are the saved ones, but the global batch and the data order from here differ from "
+                               "an uninterrupted run", group.n, meta["world_size"])
     writer = SummaryWriter(str(save / "tensorboard"))
     # Redraw often on a terminal, rarely into a log file.
     bar = tqdm(total=info.total_steps, initial=result.start_step, desc=stage, disable=not progress,
@@ -142,21 +139,20 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: Mod
             if ta.eval_interval and step % ta.eval_interval == 0 and step < info.total_steps:
                 _evaluate(group, result, writer, step, bar)
             if ta.ckpt_interval and step % ta.ckpt_interval == 0 and step < info.total_steps:
-                group.save_checkpoint(str(save / "checkpoints" / f"step_{step}"),
-                                      {"epoch": step // info.steps_per_epoch})
+                checkpoint(step)
     except KeyboardInterrupt:
         # Keep what was done: a checkpoint at the last finished step, then stop.
         logger.warning("interrupted at step %d; saving a checkpoint so --resume can continue", step)
-        group.save_checkpoint(str(save / "checkpoints" / f"step_{step}"), {"epoch": step // info.steps_per_epoch})
+        checkpoint(step)
         raise
     finally:
         bar.close()
     _evaluate(group, result, writer, step, None)
-    group.save_checkpoint(str(save / "checkpoints" / f"step_{step}"), {"epoch": step // max(info.steps_per_epoch, 1)})
+    checkpoint(step)
     group.save_model(ta.save_path, ma.merge_lora)
     writer.close()
     (save / "train_summary.json").write_text(json.dumps({
-        "stage": stage, "steps": step, "final_eval": result.final_eval,
+        "stage": stage, "steps": step, "run_id": run_id, "final_eval": result.final_eval,
         "final_train_loss": result.history[-1]["train/loss"] if result.history else None,
         "setup": {k: v for k, v in asdict(info).items() if k != "skipped_rows"},
         "skipped_rows": len(info.skipped_rows)}, indent=1))

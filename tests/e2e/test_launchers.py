@@ -59,10 +59,17 @@ def test_sft_launcher_trains_saves_and_resumes(tmp_path):
     assert (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
     assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["step_10", "step_5"]
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 10
+    assert summary["steps"] == 10 and summary["run_id"] == json.loads((out / "run.json").read_text())["run_id"]
+    # The same --save_path again without --resume: refused before Ray starts, the first run untouched.
+    p = run("train_sft.py", *common, "--max_steps", "15")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "starting a local Ray" not in p.stderr
+    assert f"error: --save_path: {out} already holds files (checkpoints, chat_template.jinja" in p.stderr
+    assert "continue that run with --resume auto, replace it with --overwrite" in p.stderr
     p = run("train_sft.py", *common, "--max_steps", "15", "--resume")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stderr and json.loads((out / "train_summary.json").read_text())["steps"] == 15
+    # --keep_checkpoints 2 (the default): step_5 went when step_15 was written
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["step_10", "step_15"]
 
 
 def test_launcher_joins_a_running_cluster_with_address(ray_cluster, tmp_path):

@@ -93,3 +93,21 @@ def test_stopped_and_resumed_run_ends_where_an_uninterrupted_one_ends(models, tm
     moved = max((wa[k] - w0[k]).abs().max().item() for k in wa)
     assert moved > 1e-4
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) == 0.0  # exact: hf backend, CPU, same threads
+
+
+def test_a_run_of_two_trainers_resumes_on_one(models, tmp_path):
+    """Sharded checkpoints load under another --trainers: the resumed run's step 3 samples, made
+    from the loaded policy, are the ones the two-trainer run made from its own weights."""
+    import json
+    import shutil
+
+    two = ppo(models, tmp_path / "run", trainers=2, max_steps=3, ckpt_interval=2)
+    policy = tmp_path / "run" / "checkpoints" / "step_2" / "policy"
+    assert sorted(p.name for p in (policy / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    state = json.loads((policy.parent / "ppo_state.json").read_text())
+    assert state["run_id"] == two.run_id == json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_3")  # go back to step 2
+    one = ppo(models, tmp_path / "run", trainers=1, max_steps=3, resume=True)
+    assert one.start_step == 2 and len(one.history) == 1 and one.run_id == two.run_id
+    assert one.history[0]["reward/mean"] == pytest.approx(two.history[2]["reward/mean"], abs=1e-5)
+    assert one.history[0]["kl/mean"] == pytest.approx(two.history[2]["kl/mean"], abs=1e-6)
