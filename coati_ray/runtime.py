@@ -119,11 +119,49 @@ def wait_each(refs: list, labels: list[str] | None = None, timeout_s: float | No
         if not done:
             pending = [labels[refs.index(r)] if labels else f"call {refs.index(r)}" for r in left]
             finished = len(refs) - len(left)
-            raise StuckError(f"waited {timeout_s:g} s for {', '.join(pending)} ({finished} of {len(refs)} "
+            states = actor_states([p.split(".", 1)[0] for p in pending])
+            named = [f"{p} ({states[p.split('.', 1)[0]]})" if p.split(".", 1)[0] in states else p for p in pending]
+            raise StuckError(f"waited {timeout_s:g} s for {', '.join(named)} ({finished} of {len(refs)} "
                              "finished): still running, most likely blocked in a collective that another rank "
                              "never joined; raise $COATI_WATCHDOG_S if a step really takes this long")
         if not (skip_first and done[0] is refs[0]):
             get_unwrapped(done)  # raises if that call failed
+
+
+def actor_states(names: list[str]) -> dict[str, str]:
+    """'ALIVE, pid 4242, 0% CPU' for each named live actor in Ray's actor table ("on node ab12cd34"
+    instead of the CPU for one on another machine); what cannot be found is left out. For
+    the watchdog's message: a stuck rank at 0% CPU waits in a collective, one at 100% computes."""
+    import time
+
+    try:
+        import psutil
+        from ray._private.state import actors  # the GCS's actor table: needs no dashboard (ray.util.state does)
+
+        wanted = set(names)
+        found = [(a["Name"], a["State"], a.get("Pid"), a.get("Address", {}).get("NodeID", ""))
+                 for a in actors().values() if a.get("Name") in wanted and a.get("State") != "DEAD"]
+        here = current_node_id()
+    except Exception:  # the table is an aid to the message, never a reason to fail differently
+        return {}
+    procs = {}
+    for name, _, pid, node in found:
+        if node == here and pid:
+            try:
+                procs[name] = psutil.Process(pid)
+                procs[name].cpu_percent(None)  # starts the measurement window
+            except psutil.Error:
+                pass
+    if procs:
+        time.sleep(0.5)  # the window over which CPU use is measured
+    out = {}
+    for name, state, pid, node in found:
+        try:
+            use = f"{procs[name].cpu_percent(None):.0f}% CPU" if name in procs else f"on node {node[:8]}"
+        except psutil.Error:
+            use = "its process is gone"
+        out[name] = f"{state}, pid {pid}, {use}"
+    return out
 
 
 def process_group_backend(device) -> str:
