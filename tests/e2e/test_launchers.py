@@ -63,7 +63,8 @@ def test_sft_launcher_trains_saves_and_resumes(tmp_path):
     # The same --save_path again without --resume: refused before Ray starts, the first run untouched.
     p = run("train_sft.py", *common, "--max_steps", "15")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "starting a local Ray" not in p.stderr
-    assert f"error: --save_path: {out} already holds files (checkpoints, chat_template.jinja" in p.stderr
+    line = next(l for l in p.stderr.splitlines() if "error:" in l)
+    assert f"error: --save_path: {out} already holds files (chat_template.jinja, checkpoints, config.json" in line
     assert "continue that run with --resume auto, replace it with --overwrite" in p.stderr
     p = run("train_sft.py", *common, "--max_steps", "15", "--resume")
     assert p.returncode == 0, p.stderr[-3000:]
