@@ -10,8 +10,14 @@ Registry `ADVANTAGE_ESTIMATORS` (name -> function), each returning (advantages, 
     grpo  sequence score normalised within its prompt's group (Shao et al. 2024, DeepSeekMath,
           https://arxiv.org/abs/2402.03300, section 4.1.2, outcome supervision)
     rloo  REINFORCE leave-one-out baseline (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740)
-For grpo and rloo the shaped score plus the per-token KL penalty is summed to the end of the
-sequence (gamma = 1 by default), as OpenRLHF does for critic-free estimators.
+    dr_grpo  group mean subtracted, no division by the group std (Liu et al. 2025, "Understanding
+          R1-Zero-Like Training", https://arxiv.org/abs/2503.20783, sec. 3.1 and fig. 1)
+    reinforce_pp  REINFORCE++ (Hu et al. 2025, https://arxiv.org/abs/2501.03262): KL-penalised
+          token rewards, discounted return per token, whitened over the batch
+    reinforce_pp_baseline  REINFORCE++ with the prompt's group-mean score subtracted first
+For grpo, rloo and dr_grpo the shaped score plus the per-token KL penalty is summed to the end of
+the sequence (gamma = 1 by default), as OpenRLHF does for critic-free estimators; the reinforce_pp
+pair then whitens those returns.
 """
 
 from __future__ import annotations
@@ -107,6 +113,39 @@ def leave_one_out_scores(score: torch.Tensor, n: int) -> torch.Tensor:
     return (g - (g.sum(1, keepdim=True) - g) / (n - 1)).view(-1)
 
 
+def group_centered_scores(score: torch.Tensor, n: int) -> torch.Tensor:
+    """s_i - mean(group), groups of n consecutive rows, no std division. (B,) -> (B,)
+
+    Dr. GRPO's advantage (Liu et al. 2025, https://arxiv.org/abs/2503.20783, sec. 3.1: GRPO's eq. 2
+    without the std(R) term) and REINFORCE++-baseline's baseline (https://arxiv.org/abs/2501.03262).
+    """
+    g = score.view(-1, n)
+    return (g - g.mean(1, keepdim=True)).view(-1)
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(count, sum, sum of squares) of x over the mask, float64, shape (3,).
+
+    Moments add: sum them over the chunks of a step (or all-reduce them over ranks) and pass the total
+    to `whiten_with_moments` to whiten every chunk with the statistics of the whole (global) batch.
+    """
+    m = mask.double()
+    x = x.double() * m
+    return torch.stack([m.sum(), x.sum(), x.square().sum()])
+
+
+def whiten_with_moments(x: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std with mean and unbiased variance from `masked_moments` totals; zero off the mask.
+
+    Equals `masked_whiten(x, mask)` when the moments are those of x itself (up to rounding).
+    """
+    n, s, sq = moments.double().unbind()
+    mean = s / n
+    var = ((sq - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    out = (x.double() - mean) * torch.rsqrt(var + eps)
+    return (out * mask.double()).to(x.dtype)
+
+
 def _critic_free(shape: Callable[[torch.Tensor, int], torch.Tensor]):
     def estimator(score, kl, action_mask, kl_coef, values=None, n_samples_per_prompt=1, gamma=1.0, lam=0.95):
         rewards = kl_penalized_rewards(shape(score, n_samples_per_prompt), kl, action_mask, kl_coef)
@@ -121,11 +160,34 @@ def gae_estimator(score, kl, action_mask, kl_coef, values=None, n_samples_per_pr
     return gae(kl_penalized_rewards(score, kl, action_mask, kl_coef), values, action_mask, gamma, lam)
 
 
+def _reinforce_pp(shape: Callable[[torch.Tensor, int], torch.Tensor] | None):
+    def estimator(score, kl, action_mask, kl_coef, values=None, n_samples_per_prompt=1, gamma=1.0, lam=0.95):
+        """REINFORCE++ (Hu et al. 2025, https://arxiv.org/abs/2501.03262, sec. 3; eq. 8-10 of the early
+        versions, whose numbering later versions changed):
+
+            r_t = 1[t = last] * s - kl_coef * KL_t,   G_t = sum_{k>=t} gamma^(k-t) r_k,
+            A_t = (G_t - mean(G)) / std(G), mean and std over every response token of the batch.
+
+        With `shape` (the baseline variant) s is the group-mean-centred score s_i - mean(group) first.
+        The whitening uses the rows passed in; when a step's batch arrives in chunks (or over ranks),
+        re-whiten the returned `returns` with the summed `masked_moments` of all chunks
+        (`whiten_with_moments`) to get the paper's global normalisation.
+        """
+        s = score if shape is None else shape(score, n_samples_per_prompt)
+        returns = discounted_returns(kl_penalized_rewards(s, kl, action_mask, kl_coef), action_mask, gamma)
+        return masked_whiten(returns, action_mask), returns
+    return estimator
+
+
 # Every estimator: (score (B,), kl (B, A), action_mask (B, A), kl_coef, values (B, A) | None,
 #                   n_samples_per_prompt, gamma, lam) -> (advantages (B, A), returns (B, A))
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "gae": gae_estimator,
     "grpo": _critic_free(group_normalized_scores),
     "rloo": _critic_free(leave_one_out_scores),
+    "dr_grpo": _critic_free(group_centered_scores),
+    "reinforce_pp": _reinforce_pp(None),
+    "reinforce_pp_baseline": _reinforce_pp(group_centered_scores),
 }
-NEEDS_CRITIC = {"gae": True, "grpo": False, "rloo": False}
+NEEDS_CRITIC = {"gae": True, "grpo": False, "rloo": False, "dr_grpo": False, "reinforce_pp": False,
+                "reinforce_pp_baseline": False}

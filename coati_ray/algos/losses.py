@@ -7,36 +7,24 @@ and accumulated updates equal to one big batch (the same rule as the SFT loss).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from coati_ray.algos.objectives import PolicyLossOut, clipped_policy_loss
 
-@dataclass
-class PolicyLossOut:
-    loss_sum: torch.Tensor  # scalar, differentiable
-    clipped: torch.Tensor  # scalar: tokens where the clipped term was the active one
-    approx_kl_sum: torch.Tensor  # scalar: sum of k3(old -> new) per token
+__all__ = ["PolicyLossOut", "policy_loss", "value_loss"]
 
 
 def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                action_mask: torch.Tensor, eps_clip: float = 0.2) -> PolicyLossOut:
+                action_mask: torch.Tensor, eps_clip: float = 0.2, **options) -> PolicyLossOut:
     """Clipped surrogate (Schulman et al. 2017, https://arxiv.org/abs/1707.06347, eq. 7):
 
         L = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A),  ratio = pi(a) / pi_old(a)
 
-    All inputs (B, A). approx_kl uses k3 of log(pi_old / pi) (Schulman's estimator).
+    All inputs (B, A). approx_kl uses k3 of log(pi_old / pi) (Schulman's estimator). `options`
+    (DAPO's decoupled clip range, the aggregation mode, IS weights): see
+    `objectives.clipped_policy_loss`, of which this is the symmetric, token-sum case.
     """
-    m = action_mask.to(log_probs.dtype)
-    log_ratio = log_probs - old_log_probs
-    ratio = log_ratio.exp()
-    surr1 = ratio * advantages
-    surr2 = ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip) * advantages
-    loss = -torch.min(surr1, surr2)
-    with torch.no_grad():
-        clipped = ((surr2 < surr1).to(m.dtype) * m).sum()
-        approx_kl = ((torch.expm1(log_ratio) - log_ratio) * m).sum()  # k3 with r = pi/pi_old
-    return PolicyLossOut((loss * m).sum(), clipped, approx_kl)
+    return clipped_policy_loss(log_probs, old_log_probs, advantages, action_mask, eps_clip, **options)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, action_mask: torch.Tensor,

@@ -713,4 +713,5 @@ def test_gae_estimator_needs_values():
 
 def test_needs_critic_covers_exactly_the_estimators():
     assert set(NEEDS_CRITIC) == set(ADVANTAGE_ESTIMATORS)
-    assert NEEDS_CRITIC == {"gae": True, "grpo": False, "rloo": False}
+    assert NEEDS_CRITIC == {"gae": True, "grpo": False, "rloo": False, "dr_grpo": False, "reinforce_pp": False,
+                            "reinforce_pp_baseline": False}
