@@ -8,6 +8,7 @@ and implements `build_model()` (a fresh unwrapped copy, what saving loads into) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -126,8 +127,9 @@ class RankWorker:
         if self.strategy.sharded_checkpoint:
             import torch.distributed.checkpoint as dcp
 
-            dcp.save(self.strategy.checkpoint_state(self.model, self.optimizer), checkpoint_id=str(tmp / "shards"),
-                     no_dist=not dist.is_initialized())  # one rank: no collectives to run
+            with _single_process_is_meant():
+                dcp.save(self.strategy.checkpoint_state(self.model, self.optimizer),
+                         checkpoint_id=str(tmp / "shards"), no_dist=not dist.is_initialized())
             torch.save(rank_state, tmp / f"rank_{self.rank}.pt")
             layout = "dcp"
         else:
@@ -169,7 +171,8 @@ class RankWorker:
             import torch.distributed.checkpoint as dcp
 
             state = self.strategy.checkpoint_state(self.model, self.optimizer)  # the shapes to fill
-            dcp.load(state, checkpoint_id=str(ckpt / "shards"), no_dist=not dist.is_initialized())
+            with _single_process_is_meant():
+                dcp.load(state, checkpoint_id=str(ckpt / "shards"), no_dist=not dist.is_initialized())
             self.strategy.load_checkpoint_state(self.model, self.optimizer, state)
             own = ckpt / f"rank_{self.rank}.pt"
             rank_state = torch.load(own if own.exists() else ckpt / "rank_0.pt", map_location="cpu",
@@ -208,3 +211,14 @@ class RankWorker:
             self.strategy.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _single_process_is_meant():
+    """torch.distributed.checkpoint warns that it 'assumes' one process when no process group exists:
+    a one-trainer group has none, by design (`init_process_group` skips world size 1)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
