@@ -87,9 +87,9 @@ class RolloutArgs:
 class ObjectiveArgs:
     """The PPO objective: advantage estimator, KL penalty, clipping, PTX and entropy terms."""
 
-    advantage_estimator: Literal["gae", "grpo", "rloo"] = _help(
-        "gae (with a critic), grpo (group-normalised) or rloo (leave-one-out); the last two need no critic.",
-        default="gae")
+    advantage_estimator: Literal["gae", "grpo", "rloo", "dr_grpo"] = _help(
+        "gae (with a critic), grpo (group-normalised), rloo (leave-one-out) or dr_grpo (Dr.GRPO: group mean "
+        "subtracted, no std scaling); the last three need no critic.", default="gae")
     gamma: float = _help("Discount over response tokens.", default=1.0)
     lam: float = _help("GAE lambda.", default=0.95)
     kl_coef: float = _help("KL penalty coefficient (initial value when adaptive).", default=0.05)
@@ -168,6 +168,50 @@ class PPORunArgs(RunArgs, OptimArgs):
             _at_least(self, 0, name)
 
 
+@dataclass
+class RewardArgs:
+    """Where a sample's score comes from (coati_ray/rewards/): the reward model (--rm_path), a Python
+    function or built-in verifier, a reward server; several at once, summed with weights."""
+
+    reward_fn: str | None = _help(
+        "A reward function, run in the reward actors: 'path/to/rewards.py:name' or 'package.module:name', called "
+        "as name(prompts, responses, **columns) -> one number per sample, where columns are the prompts file's "
+        "other columns (an async def is awaited); or a built-in verifier: 'math' (the final answer against the "
+        "row's 'answer' column, by value, with math-verify), 'demo' (the demo task's gold scorer) or "
+        "'format:REGEX' (1 when the response matches). Without --rm_path no reward model is used.", default=None)
+    reward_url: str | None = _help(
+        "A reward server: POST {prompts, responses, columns, sample_ids} as JSON, read {\"rewards\": [...]} "
+        "(scripts/reward_server.py is an example). Without --rm_path no reward model is used.", default=None)
+    reward_weights: str | None = _help("Comma-separated weights of the sources in use, in the order rm, "
+                                       "--reward_fn, --reward_url (default 1 each); the score is their sum.",
+                                       default=None)
+    reward_timeout_s: float = _help("--reward_url: seconds to wait for one answer.", default=30.0)
+    reward_retries: int = _help("--reward_url: tries again after a timeout, a refused connection, a 429 or a "
+                                "5xx, waiting 0.5 s, 1 s, 2 s, ...", default=3)
+    reward_max_inflight: int = _help("--reward_url: requests one reward actor has open at once (a batch is "
+                                     "cut into this many parts).", default=4)
+
+    def validate(self) -> None:
+        _positive_or_none(self, "reward_timeout_s")
+        _at_least(self, 0, "reward_retries")
+        _at_least(self, 1, "reward_max_inflight")
+
+    def uses_model(self, rm_path: str | None) -> bool:
+        """A reward model scores: --rm_path given, or no other source (the demo reward model)."""
+        return rm_path is not None or (self.reward_fn is None and self.reward_url is None)
+
+    def specs(self, rm_path: str | None):
+        """The run's reward sources; `rm_path` resolved (the demo RM's path when none was given)."""
+        from coati_ray.rewards.sources import reward_specs
+
+        return reward_specs(rm_path, self.reward_fn, self.reward_url, self.reward_weights)
+
+    def remote_options(self):
+        from coati_ray.rewards.sources import RemoteOptions
+
+        return RemoteOptions(self.reward_timeout_s, self.reward_retries, self.reward_max_inflight)
+
+
 ROLES = ("generator", "reference", "reward", "critic")
 
 
@@ -230,7 +274,7 @@ class RoleArgs:
 
 
 PARTS = {"model": ModelArgs, "data": PromptDataArgs, "run": PPORunArgs, "rollout": RolloutArgs,
-         "objective": ObjectiveArgs, "roles": RoleArgs, "cluster": ClusterArgs}
+         "objective": ObjectiveArgs, "reward": RewardArgs, "roles": RoleArgs, "cluster": ClusterArgs}
 
 
 @dataclass
@@ -242,6 +286,7 @@ class PPOConfig:
     run: PPORunArgs = field(default_factory=PPORunArgs)
     rollout: RolloutArgs = field(default_factory=RolloutArgs)
     objective: ObjectiveArgs = field(default_factory=ObjectiveArgs)
+    reward: RewardArgs = field(default_factory=RewardArgs)
     roles: RoleArgs = field(default_factory=RoleArgs)
     cluster: ClusterArgs = field(default_factory=ClusterArgs)
 
@@ -266,7 +311,7 @@ class PPOConfig:
             check_finite(getattr(self, part))
             getattr(self, part).validate()
         run, ro, obj = self.run, self.rollout, self.objective
-        if obj.advantage_estimator in ("grpo", "rloo") and ro.n_samples_per_prompt < 2:
+        if obj.advantage_estimator in ("grpo", "rloo", "dr_grpo") and ro.n_samples_per_prompt < 2:
             raise ConfigError("n_samples_per_prompt", f"{obj.advantage_estimator} compares samples of one prompt; "
                               f"needs >= 2, got {ro.n_samples_per_prompt}")
         per_update = run.train_batch_size * self.cluster.trainers
@@ -279,6 +324,8 @@ class PPOConfig:
             raise ConfigError("buffer_limit", f"must hold (max_staleness + 1) steps of samples = "
                               f"{(run.max_staleness + 1) * self.step_samples()}, got {run.buffer_limit}")
         transport_class(ro.vllm_weight_sync).check_config(ro, self.model)
+        rw = self.reward  # the sources, their files and weights (the demo RM stands in for a missing --rm_path)
+        rw.specs(run.rm_path or ("(the demo reward model)" if rw.uses_model(None) else None))
         if run.resume not in ("no", "auto"):  # before Ray and the actors start (check_resume saw a directory)
             from pathlib import Path
 

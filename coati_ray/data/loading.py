@@ -45,6 +45,9 @@ TOO_DEEP = "invalid JSON: nested too deeply to parse"  # json.loads raises Recur
 class LoadedData:
     dataset: datasets.Dataset
     skipped: list[str] = field(default_factory=list)  # one message per skipped row
+    # per kept row, its fields other than the columns asked for, as parsed (JSON types kept; CSV gives
+    # text): what a reward function reads besides the prompt (e.g. `answer`, `tests`)
+    extra: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -66,7 +69,8 @@ def load_rows(path: str | Path, columns: list[Column], skip_bad_rows: bool = Fal
     if not path.exists():
         raise DataError(str(path), "no such file or directory")
     raw = _read(path)  # list of (line or None, row) ; raises DataError with line on parse errors
-    rows, skipped = [], []
+    rows, skipped, extra = [], [], []
+    sources = {c.source for c in columns}
     for i, (line, row) in enumerate(raw):
         if isinstance(row, DataError):
             if not skip_bad_rows:
@@ -75,6 +79,7 @@ def load_rows(path: str | Path, columns: list[Column], skip_bad_rows: bool = Fal
             continue
         try:
             rows.append(_validate(path, i, line, row, columns))
+            extra.append({k: v for k, v in row.items() if k not in sources})
         except DataError as e:
             if not skip_bad_rows:
                 raise
@@ -87,7 +92,7 @@ def load_rows(path: str | Path, columns: list[Column], skip_bad_rows: bool = Fal
         raise DataError(str(path), f"no usable rows: all {len(skipped)} rows were bad; first: {skipped[0]}")
     if skipped:
         logger.warning("%s: skipped %d bad rows (first: %s)", path, len(skipped), skipped[0])
-    return LoadedData(datasets.Dataset.from_list(rows), skipped)
+    return LoadedData(datasets.Dataset.from_list(rows), skipped, extra)
 
 
 def _validate(path: Path, i: int, line: int | None, row: Any, columns: list[Column]) -> dict:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PPOJobs:
     policy_path: str  # initial policy; also the frozen reference
-    reward_path: str
+    reward_path: str | None  # None when only a function or server scores
     prompt_file: str
     rollout: RolloutJob
     policy: PolicyJob
     critic: CriticJob | None  # None for critic-free estimators
+    reward_specs: list = field(default_factory=list)  # RewardSpec of each reward source, in order
 
 
 def make_jobs(cfg: PPOConfig) -> PPOJobs:
@@ -59,11 +60,13 @@ def make_jobs(cfg: PPOConfig) -> PPOJobs:
             except ModelLoadError as e:
                 raise ConfigError(name, f"{path} is not a model directory: {e}") from None
     policy_path, rm_path = model.pretrain, run.rm_path
-    if policy_path is None or rm_path is None:
+    wants_rm = cfg.reward.uses_model(rm_path)  # no reward model when only a function or server scores
+    if policy_path is None or (wants_rm and rm_path is None):
         from coati_ray.pipelines.demo_models import ensure_demo_models
 
         demo = ensure_demo_models(model.preset_size, cfg.cluster)
-        policy_path, rm_path = policy_path or demo["sft"], rm_path or demo["rm"]
+        policy_path, rm_path = policy_path or demo["sft"], rm_path or (demo["rm"] if wants_rm else None)
+    reward_specs = cfg.reward.specs(rm_path)
     check_family(load_config(policy_path), model.model, policy_path)
     prompt_file = run.prompt_dataset or demo_file("prompts_train.jsonl")
     pretrain_file = run.pretrain_dataset or (demo_file("pretrain.jsonl") if obj.ptx_coef > 0 else None)
@@ -78,15 +81,17 @@ def make_jobs(cfg: PPOConfig) -> PPOJobs:
 
     engine_options = transport_class(ro.vllm_weight_sync).engine_options() if ro.generator_backend == "vllm" else {}
     rollout = RolloutJob(model=model, policy_path=policy_path, prompt_file=prompt_file, data=cfg.data, rollout=ro,
-                         objective=obj, seed=run.seed, engine_options=engine_options)
+                         objective=obj, seed=run.seed, engine_options=engine_options, reward_specs=reward_specs)
     policy = PolicyJob(model=model, policy_path=policy_path, update=update(run.lr, PPO_PRESET_LR, PPO_PRETRAINED_LR),
                        objective=obj, temperature=ro.temperature, pretrain_file=pretrain_file, data=cfg.data)
     critic = None
     if NEEDS_CRITIC[obj.advantage_estimator]:
-        critic = CriticJob(model=model, critic_path=run.critic_pretrain or rm_path, tokenizer_path=policy_path,
+        # the critic starts from the RM (as ColossalChat does); without one, from the policy (a new value head)
+        critic = CriticJob(model=model, critic_path=run.critic_pretrain or rm_path or policy_path,
+                           tokenizer_path=policy_path,
                            update=update(run.critic_lr, PPO_PRESET_CRITIC_LR, PPO_PRETRAINED_CRITIC_LR),
                            objective=obj, n_samples_per_prompt=ro.n_samples_per_prompt)
-    return PPOJobs(policy_path, rm_path, prompt_file, rollout, policy, critic)
+    return PPOJobs(policy_path, rm_path, prompt_file, rollout, policy, critic, reward_specs)
 
 
 PROCESS_GB = 0.6  # one actor process: Python, torch and a small model (each measured at ~0.5 GB on CPU)
@@ -212,7 +217,8 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
     refs = [start_actor(ReferenceWorker, f"reference-{i}", (jobs.policy_path, fam, dt, int(roles.reference_cpus)),
                         roles.reference_cpus, roles.reference_gpus, res.get("reference"), **restart)
             for i in range(roles.ref_workers)]
-    rewards = [start_actor(RewardWorker, f"reward-{i}", (jobs.reward_path, fam, dt, int(roles.reward_cpus)),
+    reward_args = (jobs.reward_specs, fam, dt, int(roles.reward_cpus), cfg.reward.remote_options())
+    rewards = [start_actor(RewardWorker, f"reward-{i}", reward_args,
                            roles.reward_cpus, roles.reward_gpus, res.get("reward"), **restart)
                for i in range(roles.reward_workers)]
 

@@ -85,6 +85,8 @@ def save_final(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, result, step: int, 
     (save / "ppo_summary.json").write_text(json.dumps({
         "steps": step, "start_step": result.start_step, "run_id": result.run_id, "policy_init": jobs.policy_path,
         "reward_model": jobs.reward_path,
+        "reward_sources": [{"name": r.name, "kind": r.kind, "target": r.target, "weight": r.weight}
+                           for r in jobs.reward_specs],
         "first": history[0] if history else None, "last": history[-1] if history else None,
         "ppo_args": {**asdict(cfg.run), **asdict(cfg.rollout), **asdict(cfg.objective)}}, indent=1))
     logger.info("saved the PPO policy to %s", cfg.run.save_path)
@@ -130,7 +132,14 @@ def step_metrics(taken, versions: list[int], step: int, pm: dict, cm: dict, kl_c
     gen_s: dict[int, float] = {}  # generator -> its seconds generating this step's chunks
     for _, m in taken:
         gen_s[m.generator] = gen_s.get(m.generator, 0.0) + m.stats["generate_s"]
-    return {**pm, **cm,
+    sources = {}  # reward/<source>: each reward source's mean and std before weighting
+    for key in tot:
+        if key.startswith("source_sum/"):
+            name = key.split("/", 1)[1]
+            mu = tot[key] / n
+            sources[f"reward/{name}"] = mu
+            sources[f"reward/{name}_std"] = max(tot[f"source_sq/{name}"] / n - mu * mu, 0.0) ** 0.5
+    return {**pm, **cm, **sources,
             "reward/mean": mean, "reward/std": max(tot["score_sq"] / n - mean * mean, 0.0) ** 0.5,
             "kl/mean": tot["kl_sum"] / n, "kl/coef": kl_coef,
             "response/length": tot["length_sum"] / n, "response/finished": tot["finished"] / n,

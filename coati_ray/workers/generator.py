@@ -31,6 +31,8 @@ from coati_ray.algos.kl import token_kl
 from coati_ray.engines.backends import make_backend
 from coati_ray.engines.generation import SamplingParams, WeightUpdate
 from coati_ray.experience import Experience
+from coati_ray.rewards.functions import RewardBatch
+from coati_ray.rewards.sources import weighted_total
 from coati_ray.sync.base import WeightTicket
 from coati_ray.workers.chunks import Chunk, ChunkMeta
 from coati_ray.workers.job import RolloutJob
@@ -52,8 +54,10 @@ class GeneratorWorker:
         self.reward = rewards[index % len(rewards)]
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = load_tokenizer(job.policy_path)
-        rows = load_rows(job.prompt_file, prompt_columns(job.data.keys()), job.data.skip_bad_rows).dataset
-        self.prompts = rows["prompt"]  # tokenized on first use: any generator can be sent any row
+        loaded = load_rows(job.prompt_file, prompt_columns(job.data.keys()), job.data.skip_bad_rows)
+        self.prompts = loaded.dataset["prompt"]  # tokenized on first use: any generator can be sent any row
+        self.columns = loaded.extra  # each row's other columns: what reward functions read (e.g. `answer`)
+        self.reward_specs = job.reward_specs
         self.render_prompt = render_prompt
         ro = job.rollout
         self.max_prompt = max(8, job.data.max_len - ro.max_new_tokens)
@@ -131,8 +135,10 @@ class GeneratorWorker:
         t1 = time.perf_counter()
         # 3. reference and reward read the rollout from the object store (not via the driver)
         rollout_ref = ray.put(exp)
-        ref_lp, score = ray.get([self.reference.log_probs.remote(rollout_ref, ro.temperature),
-                                 self.reward.score.remote(rollout_ref)])
+        batch = self._reward_batch(exp, out, sample_ids, [i for i in chunk.rows for _ in range(n)])
+        ref_lp, scores = ray.get([self.reference.log_probs.remote(rollout_ref, ro.temperature),
+                                  self.reward.score.remote(rollout_ref, batch)])
+        score = weighted_total(scores, self.reward_specs)  # (B,)
         # 4. KL and (critic-free) advantages
         kl = token_kl(exp.log_probs, ref_lp, exp.action_mask, obj.kl_estimator)
         shaped = normalize_scores(score, obj.reward_clip, obj.normalize_reward)
@@ -148,8 +154,18 @@ class GeneratorWorker:
         stats = {"score_sum": float(score.sum()), "score_sq": float(score.square().sum()),
                  "kl_sum": float(k1.sum()), "length_sum": float(lengths.sum()),
                  "finished": float(sum(g.finished for g in out)), "tokens": float(lengths.sum()),
-                 "generate_s": t1 - t0, "score_s": t2 - t1, "load_s": t_load}
+                 "generate_s": t1 - t0, "score_s": t2 - t1, "load_s": t_load,
+                 **{f"source_sum/{k}": float(v.sum()) for k, v in scores.items()},
+                 **{f"source_sq/{k}": float(v.float().square().sum()) for k, v in scores.items()}}
         return exp, ChunkMeta(chunk.step, self.version, sample_ids, self.index, stats)
+
+    def _reward_batch(self, exp: Experience, out, sample_ids: list[int], rows: list[int]) -> RewardBatch:
+        """The text side of a rollout for reward functions and servers: prompts as the dataset has
+        them, decoded responses, and the rows' other columns (a key missing in some rows is None)."""
+        keys = sorted({k for r in set(rows) for k in self.columns[r]})
+        return RewardBatch([self.prompts[r] for r in rows],
+                           [self.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in out],
+                           {k: [self.columns[r].get(k) for r in rows] for k in keys}, list(sample_ids))
 
     def rollouts_done(self) -> int:
         return self.rollouts

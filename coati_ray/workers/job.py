@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coati_ray.config import ModelArgs, PromptDataArgs
 from coati_ray.ppo_config import ObjectiveArgs, RolloutArgs
@@ -51,6 +51,7 @@ class RolloutJob(ModelJob):
     objective: ObjectiveArgs  # KL estimator, reward shaping, critic-free advantages
     seed: int
     engine_options: dict  # extra engine arguments of the weight-sync transport (vllm)
+    reward_specs: list = field(default_factory=list)  # RewardSpec of each source: weights and metric names
 
 
 @dataclass

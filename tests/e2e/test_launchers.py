@@ -95,9 +95,14 @@ def test_launcher_joins_a_running_cluster_with_address(ray_cluster, tmp_path):
     (["--actors", "64"], "error: --actors: 70 actor processes (64 generators"),
     (["--rm_path", "{tmp}"], "is not a model directory"),
     (["--resume", "{tmp}"], "is not a PPO checkpoint (no ppo_state.json in it)"),
+    # issue 16: reward sources, checked before Ray starts (the function file is not run in the driver)
+    (["--reward_fn", "{tmp}/missing.py:score"], "error: --reward_fn: {tmp}/missing.py: no such file"),
+    (["--reward_fn", "math", "--reward_weights", "1,2,3"], "error: --reward_weights: 3 weights for 2 reward sources"),
+    (["--reward_url", "localhost:8000"], "error: --reward_url: expected an http:// or https:// URL"),
 ])
 def test_ppo_bad_flags_give_one_clear_line_and_exit_2(args, expected, micro_model, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    expected = expected.replace("{tmp}", str(tmp_path))
     p = run("ppo_cluster.py", "--pretrain", micro_model, "--rm_path", micro_model, *args,
             "--save_path", str(tmp_path / "ppo"))
     assert p.returncode == 2, p.stderr[-2000:]

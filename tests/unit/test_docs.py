@@ -36,7 +36,8 @@ README_MAX_LINES = 220
 # Our programs with flags: every launcher, and the scripts that parse flags.
 PROGRAMS = sorted(
     [f"launchers/{p.name}" for p in (ROOT / "launchers").glob("*.py")]
-    + [f"scripts/{p.name}" for p in (ROOT / "scripts").glob("*.py") if "add_argument(" in p.read_text()])
+    + [f"scripts/{p.name}" for p in (ROOT / "scripts").glob("*.py")
+       if "add_argument(" in p.read_text() or "from coati_ray.cli import parse" in p.read_text()])
 
 # Where a shell script's own arguments go ("$@"): a program of ours, or pytest. A script not listed
 # here takes no flags (setup*.sh take extras, as positional words).
