@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -41,8 +42,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, namespace:
         if dashboard_host != "127.0.0.1":
             logger.warning("the Ray dashboard listens on %s: anyone who can reach it and has the token can run "
                            "code on this machine", dashboard_host)
-        ctx = ray.init(num_cpus=cpus, namespace=namespace, runtime_env=runtime_env, include_dashboard=None,
-                       dashboard_host=dashboard_host, logging_level=logging.WARNING)
+        ctx = _start_local(ray, num_cpus=cpus, namespace=namespace, runtime_env=runtime_env,
+                           include_dashboard=None, dashboard_host=dashboard_host, logging_level=logging.WARNING)
     if ctx.dashboard_url:
         logger.info("Ray dashboard: http://%s (%s)", ctx.dashboard_url, dashboard_sign_in(bool(address)))
     return not address
@@ -56,3 +57,54 @@ def dashboard_sign_in(joined: bool) -> str:
     return (f"it asks for the cluster's token: paste the output of `ray get-auth-token` run {where} "
             "(the file ~/.ray/auth_token); from another machine, tunnel it: `ray dashboard cluster.yaml` "
             "or ssh -L 8265:127.0.0.1:8265")
+
+
+def _start_local(ray, **init_kwargs):
+    """`ray.init(**init_kwargs)` for a single-machine Ray: loopback only, and ended with this process.
+
+    Ray binds its gRPC servers (GCS, raylet node and object managers, every worker and the
+    driver), its agents and its metrics exporters to all interfaces unless the node's IP is a
+    loopback address, and on Linux `ray.init` turns 127.0.0.1 into the machine's routable IP
+    (`services.resolve_ip_for_localhost`) unless clusters are disabled, as on macOS and Windows
+    (`ray_constants.ENABLE_RAY_CLUSTER`). So this disables them for the `ray.init` call only: the
+    node's IP becomes 127.0.0.1 and every one of those listens there
+    (docs/cluster.md#ports-what-a-run-opens-and-what-the-token-covers).
+
+    A watcher (coati_ray/cluster/reaper.py) ends this Ray's processes when this process ends,
+    even by SIGKILL; Ray's own agents would otherwise outlive it by about a minute.
+    """
+    from coati_ray.cluster import reaper
+
+    watcher = reaper.start()
+    try:
+        with _loopback_node_ip(ray):
+            ctx = ray.init(**init_kwargs)
+    except BaseException:
+        if watcher:
+            watcher.close()  # it ends whatever the failed ray.init left running
+        raise
+    node = ray._private.worker._global_node
+    if watcher:
+        watcher.attach(node)
+    ip = node.node_ip_address
+    logger.info("local Ray session %s listens on %s%s", node.get_session_dir_path(), ip,
+                "; its processes end with this one" if watcher else "")
+    if ip != "127.0.0.1":  # Ray's C++ servers bind loopback only for exactly this address
+        logger.warning("the local Ray's node IP is %s: it listens beyond this machine's loopback", ip)
+    return ctx
+
+
+@contextlib.contextmanager
+def _loopback_node_ip(ray):
+    constants = ray._private.ray_constants
+    if not hasattr(constants, "ENABLE_RAY_CLUSTER"):  # another Ray version: _start_local warns
+        yield
+        return
+    saved = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        # Restored at once: a later ray.init(address=...) in this process must advertise a
+        # routable address to the cluster it joins.
+        constants.ENABLE_RAY_CLUSTER = saved

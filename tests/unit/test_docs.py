@@ -57,6 +57,11 @@ ALLOWED = {
     "--generate": "ray get-auth-token --generate",
     "--tmux": "ray exec / ray attach --tmux",
     "--logdir": "tensorboard --logdir",
+    # ray start's port flags, in docs/cluster.md's table of what a cluster opens
+    "--object-manager-port": "ray start", "--node-manager-port": "ray start",
+    "--min": "ray start --min/max-worker-port", "--dashboard-agent-grpc-port": "ray start",
+    "--dashboard-agent-listen-port": "ray start", "--runtime-env-agent-port": "ray start",
+    "--metrics-export-port": "ray start",
 }
 
 PROGRAM_RE = re.compile(r"(?<![\w./-])((?:launchers|scripts)/[\w-]+\.(?:py|sh))\b")
