@@ -60,8 +60,24 @@ class RankWorker:
         if self.world_size == 1 or dist.is_initialized():
             return
         backend = backend or process_group_backend(self.device)
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
-                                world_size=self.world_size)
+        if not addr.startswith("127."):
+            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
+                                    world_size=self.world_size)
+            return
+        # An embedded (one-machine) Ray advertises 127.0.0.1: keep the rendezvous store and gloo's
+        # connections on loopback too (c10d's TCPStore and gloo would otherwise listen on every interface).
+        if backend == "gloo":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        listener = None
+        if self.rank == 0:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((addr, port))
+            listener.listen(128)
+        store = dist.TCPStore(addr, port, self.world_size, is_master=self.rank == 0, wait_for_workers=False,
+                              **({"master_listen_fd": listener.fileno()} if listener else {}))
+        self._store_listener = listener  # the store serves on this socket: keep it open
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
 
     def _autocast(self):
         enabled = self.dtype == "bf16"
