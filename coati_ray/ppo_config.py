@@ -98,6 +98,23 @@ class ObjectiveArgs:
                                     default=None)
     kl_horizon: float = _help("Adaptive KL horizon in samples (Ziegler et al. 2019).", default=10000.0)
     eps_clip: float = _help("PPO policy ratio clip.", default=0.2)
+    policy_loss: Literal["ppo", "gspo", "cispo"] = _help(
+        "ppo (clipped token ratio), gspo (GSPO: one length-normalised ratio per sequence, clipped per sequence) "
+        "or cispo (CISPO: REINFORCE with the clipped, stop-gradient IS weight).", default="ppo")
+    eps_clip_low: float | None = _help("Lower clip range (ratio >= 1 - eps); default --eps_clip (gspo: 3e-4; "
+                                       "cispo: no lower bound).", default=None)
+    eps_clip_high: float | None = _help("Upper clip range (ratio <= 1 + eps), DAPO's clip-higher (e.g. 0.28); "
+                                        "default --eps_clip (gspo: 4e-4).", default=None)
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] | None = _help(
+        "How token losses become the minibatch loss: token_mean (over every token of the global minibatch; DAPO), "
+        "seq_mean_token_mean (each sequence's mean, then over sequences; GRPO, GSPO) or seq_mean_token_sum_norm "
+        "(each sequence's sum over --max_new_tokens; Dr.GRPO). Default: seq_mean_token_mean for gspo, else "
+        "token_mean.", default=None)
+    tis_cap: float | None = _help("Truncated importance sampling: weight each token's loss by "
+                                  "min(pi_train / pi_generator, C) for the generator/trainer mismatch (the trainer "
+                                  "then recomputes the rollout's log-probs before it updates).", default=None)
+    tis_level: Literal["token", "sequence"] = _help("--tis_cap per token, or one weight per sequence (the product "
+                                                    "of its tokens' ratios).", default="token")
     value_clip: float = _help("Value loss clip around the old values (0: unclipped).", default=0.2)
     ptx_coef: float = _help("Weight of the PTX loss: actor loss = (1 - c) * policy + c * ptx (ColossalChat).",
                             default=0.0)
@@ -115,6 +132,22 @@ class ObjectiveArgs:
             raise ConfigError("ptx_coef", f"must be in [0, 1), got {self.ptx_coef}")
         if not 0 < self.eps_clip < 1:
             raise ConfigError("eps_clip", f"must be in (0, 1), got {self.eps_clip}")
+        for name in ("eps_clip_low", "eps_clip_high"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < (1 if name == "eps_clip_low" else 10):
+                raise ConfigError(name, f"must be in (0, {1 if name == 'eps_clip_low' else 10}), got {value}")
+        if self.tis_cap is not None and self.tis_cap < 1:
+            raise ConfigError("tis_cap", f"must be >= 1 (a cap on pi_train / pi_generator), got {self.tis_cap}")
+
+    def clip_range(self) -> tuple[float | None, float]:
+        """(eps_low, eps_high) of --policy_loss: the flags, else its defaults (None: no lower bound)."""
+        low = {"ppo": self.eps_clip, "gspo": 3e-4, "cispo": None}[self.policy_loss]
+        high = {"ppo": self.eps_clip, "gspo": 4e-4, "cispo": self.eps_clip}[self.policy_loss]
+        return (low if self.eps_clip_low is None else self.eps_clip_low,
+                high if self.eps_clip_high is None else self.eps_clip_high)
+
+    def aggregation(self) -> str:
+        return self.loss_agg or ("seq_mean_token_mean" if self.policy_loss == "gspo" else "token_mean")
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(name, f"must be in [0, 1], got {getattr(self, name)}")

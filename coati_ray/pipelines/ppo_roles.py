@@ -83,7 +83,8 @@ def make_jobs(cfg: PPOConfig) -> PPOJobs:
     rollout = RolloutJob(model=model, policy_path=policy_path, prompt_file=prompt_file, data=cfg.data, rollout=ro,
                          objective=obj, seed=run.seed, engine_options=engine_options, reward_specs=reward_specs)
     policy = PolicyJob(model=model, policy_path=policy_path, update=update(run.lr, PPO_PRESET_LR, PPO_PRETRAINED_LR),
-                       objective=obj, temperature=ro.temperature, pretrain_file=pretrain_file, data=cfg.data)
+                       objective=obj, temperature=ro.temperature, pretrain_file=pretrain_file, data=cfg.data,
+                       max_new_tokens=ro.max_new_tokens)
     critic = None
     if NEEDS_CRITIC[obj.advantage_estimator]:
         # the critic starts from the RM (as ColossalChat does); without one, from the policy (a new value head)

@@ -62,6 +62,7 @@ class PolicyJob(ModelJob):
     temperature: float  # log-probs under the sampling distribution
     pretrain_file: str | None  # PTX text (None when ptx_coef is 0)
     data: PromptDataArgs  # max_len, bad rows (of the PTX text)
+    max_new_tokens: int = 64  # the constant normalizer of --loss_agg seq_mean_token_sum_norm
 
 
 @dataclass

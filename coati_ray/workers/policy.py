@@ -13,7 +13,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from coati_ray.algos.losses import combine_actor_loss, entropy_from_logits, policy_loss
+from coati_ray.algos.losses import combine_actor_loss, entropy_from_logits
+from coati_ray.algos.objectives import (
+    PolicyLossOut,
+    aggregate_count,
+    cispo_loss,
+    clipped_policy_loss,
+    gspo_loss,
+    mismatch_metrics,
+    tis_weights,
+)
 from coati_ray.data import formatting as fmt
 from coati_ray.engines.generation import WeightUpdate
 from coati_ray.models.heads import action_log_probs, forward
@@ -79,20 +88,40 @@ class PolicyWorker(PPORank):
         exp = self._fetch(refs)
         if exp.advantages is None:
             raise RuntimeError("experience reached the policy trainer without advantages")
+        # The trainer's own log-probs of the rollout under the weights that made it, when TIS needs them
+        # (the ratio's pi_old is then the trainer's, and the generator/trainer gap goes into the weights).
+        train_old = self._rollout_log_probs(exp) if obj.tis_cap is not None else None
+        mismatch: dict[str, float] | None = None
+        if train_old is not None:
+            mismatch = mismatch_metrics(train_old, exp.log_probs, exp.action_mask)
         self.model.train()
         use_ptx = bool(self.ptx) and obj.ptx_coef > 0
-        sums = {k: 0.0 for k in ("pg", "clipped", "approx_kl", "entropy", "ptx", "tokens", "grad_norm", "updates")}
+        agg = obj.aggregation()
+        sums = {k: 0.0 for k in ("pg", "clipped", "approx_kl", "entropy", "ptx", "tokens", "grad_norm", "updates",
+                                 "tis_clipped", "tis_units")}
         ids_per_epoch: list[list[int]] = []
         for epoch in range(up.max_epochs):
             ids: list[int] = []
             for rows in self._minibatches(exp.size, step, epoch):
                 mb = exp.select(rows).to(self.device)
                 count = self._global_count(mb.action_mask)
+                denominator = self._all_reduce([float(aggregate_count(mb.action_mask, agg))])[0]
                 with self._autocast():
                     lp, logits = action_log_probs(self.model, mb.sequences, mb.attention_mask, mb.num_actions,
                                                   self.job.temperature, return_logits=True)
-                    out = policy_loss(lp, mb.log_probs, mb.advantages, mb.action_mask, obj.eps_clip)
-                    scale = self.world_size / count  # DDP/FSDP average over ranks; we want the global token mean
+                    if mismatch is None:  # no update of this step yet: lp is the trainer's pi_old on these rows
+                        mismatch = mismatch_metrics(lp.detach(), mb.log_probs, mb.action_mask)
+                    old, weights = mb.log_probs, None
+                    if train_old is not None:
+                        old = train_old[rows].to(self.device)
+                        weights, tis_frac = tis_weights(old, mb.log_probs, mb.action_mask, obj.tis_cap, obj.tis_level)
+                        units = float(mb.action_mask.sum()) if obj.tis_level == "token" else float(len(rows))
+                        sums["tis_clipped"] += float(tis_frac) * units
+                        sums["tis_units"] += units
+                    out = self._policy_loss(lp, old, mb.advantages, mb.action_mask, weights)
+                    # DDP/FSDP average over ranks; we want the loss over the global minibatch
+                    scale = self.world_size / max(denominator, 1.0)
+                    token_scale = self.world_size / count  # the entropy bonus stays a token mean
                     ent_sum = None
                     if obj.entropy_coef:
                         ent_sum = (entropy_from_logits(logits) * mb.action_mask).sum()
@@ -107,14 +136,14 @@ class PolicyWorker(PPORank):
                         ptx = ptx_sum * self.world_size / ptx_count
                         sums["ptx"] += float(ptx_sum.detach()) / ptx_count
                     loss = combine_actor_loss(out.loss_sum * scale, ptx, obj.ptx_coef,
-                                              None if ent_sum is None else ent_sum * scale, obj.entropy_coef)
+                                              None if ent_sum is None else ent_sum * token_scale, obj.entropy_coef)
                 self.strategy.backward(loss, self.model, self.optimizer)
                 sums["grad_norm"] += self.strategy.optimizer_step(self.model, self.optimizer, up.grad_clip)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.updates += 1
                 sums["updates"] += 1
-                sums["pg"] += float(out.loss_sum.detach())
+                sums["pg"] += float(out.loss_sum.detach()) * count / max(denominator, 1.0)  # token-weighted
                 sums["clipped"] += float(out.clipped)
                 sums["approx_kl"] += float(out.approx_kl_sum)
                 sums["tokens"] += float(mb.action_mask.sum())
@@ -122,7 +151,7 @@ class PolicyWorker(PPORank):
                     sums["entropy"] += float(ent_sum.detach())
                 ids += mb.sample_ids.tolist()
             ids_per_epoch.append(ids)
-        keys = ["pg", "clipped", "approx_kl", "entropy", "tokens"]
+        keys = ["pg", "clipped", "approx_kl", "entropy", "tokens", "tis_clipped", "tis_units"]
         red = dict(zip(keys, self._all_reduce([sums[k] for k in keys])))
         n_up = max(sums["updates"], 1)
         tok = max(red["tokens"], 1.0)
@@ -132,9 +161,38 @@ class PolicyWorker(PPORank):
                    "timing/train_policy": time.perf_counter() - t0}
         if obj.entropy_coef:
             metrics["policy/entropy"] = red["entropy"] / tok
+        if mismatch is not None:  # generator vs trainer log-probs of the same tokens (this rank's rows)
+            metrics.update({"rollout/gen_train_kl": mismatch["gen_train_kl"],
+                            "rollout/logprob_diff_max": mismatch["max_abs_logprob_diff"],
+                            "rollout/logprob_diff_mean": mismatch["mean_abs_logprob_diff"]})
+        if train_old is not None:
+            metrics["tis/clip_fraction"] = red["tis_clipped"] / max(red["tis_units"], 1.0)
         if use_ptx:
             metrics["ptx/loss"] = self._all_reduce([sums["ptx"]])[0] / n_up  # per-update global means, averaged
         return PolicyTrainOut(metrics, ids_per_epoch, exp.versions.tolist())
+
+    def _policy_loss(self, lp, old, adv, mask, weights) -> PolicyLossOut:
+        """--policy_loss with its clip range and --loss_agg (algos/objectives.py)."""
+        obj = self.job.objective
+        low, high = obj.clip_range()
+        common = {"agg": obj.aggregation(), "norm_len": float(self.job.max_new_tokens), "weights": weights}
+        if obj.policy_loss == "gspo":
+            return gspo_loss(lp, old, adv, mask, low, high, **common)
+        if obj.policy_loss == "cispo":
+            return cispo_loss(lp, old, adv, mask, eps_high=high, eps_low=low, **common)
+        return clipped_policy_loss(lp, old, adv, mask, obj.eps_clip, eps_clip_low=low, eps_clip_high=high, **common)
+
+    @torch.no_grad()
+    def _rollout_log_probs(self, exp, micro_batch: int = 32) -> torch.Tensor:
+        """(B, A) this rank's log-probs of the rollout's tokens under its current weights (before the update)."""
+        self.model.eval()
+        out = []
+        for start in range(0, exp.size, micro_batch):
+            e = exp.select(list(range(start, min(start + micro_batch, exp.size)))).to(self.device)
+            with self._autocast():
+                out.append((action_log_probs(self.model, e.sequences, e.attention_mask, e.num_actions,
+                                             self.job.temperature) * e.action_mask).float().cpu())
+        return torch.cat(out)
 
     # --- weights ------------------------------------------------------------------------------------
     def publish(self, version: int) -> WeightUpdate | None:
