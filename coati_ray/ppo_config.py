@@ -87,9 +87,11 @@ class RolloutArgs:
 class ObjectiveArgs:
     """The PPO objective: advantage estimator, KL penalty, clipping, PTX and entropy terms."""
 
-    advantage_estimator: Literal["gae", "grpo", "rloo", "dr_grpo"] = _help(
-        "gae (with a critic), grpo (group-normalised), rloo (leave-one-out) or dr_grpo (Dr.GRPO: group mean "
-        "subtracted, no std scaling); the last three need no critic.", default="gae")
+    advantage_estimator: Literal["gae", "grpo", "rloo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline"] = _help(
+        "gae (with a critic), grpo (group-normalised), rloo (leave-one-out), dr_grpo (Dr.GRPO: group mean "
+        "subtracted, no std scaling), reinforce_pp (REINFORCE++: returns whitened over the step's batch) or "
+        "reinforce_pp_baseline (the same after subtracting the group mean); all but gae need no critic.",
+        default="gae")
     gamma: float = _help("Discount over response tokens.", default=1.0)
     lam: float = _help("GAE lambda.", default=0.95)
     kl_coef: float = _help("KL penalty coefficient (initial value when adaptive).", default=0.05)
@@ -119,6 +121,10 @@ class ObjectiveArgs:
     ptx_coef: float = _help("Weight of the PTX loss: actor loss = (1 - c) * policy + c * ptx (ColossalChat).",
                             default=0.0)
     entropy_coef: float = _help("Entropy bonus weight (0: off).", default=0.0)
+    overlong_buffer: int = _help("DAPO's overlong shaping: responses longer than --max_new_tokens minus this many "
+                                 "tokens lose up to --overlong_penalty, linearly (0: off).", default=0)
+    overlong_penalty: float = _help("The most --overlong_buffer takes off the score (at --max_new_tokens).",
+                                    default=1.0)
     normalize_reward: bool = _help("Whiten each rollout batch's reward scores.", default=False)
     reward_clip: float | None = _help("Clip reward scores to [-c, c].", default=None)
     whiten_advantages: bool = _help("Whiten GAE advantages over each step's batch.", default=True)
@@ -126,7 +132,7 @@ class ObjectiveArgs:
     def validate(self) -> None:
         for name in ("kl_target", "reward_clip"):
             _positive_or_none(self, name)
-        for name in ("kl_coef", "value_clip", "entropy_coef"):
+        for name in ("kl_coef", "value_clip", "entropy_coef", "overlong_buffer", "overlong_penalty"):
             _at_least(self, 0, name)
         if not 0 <= self.ptx_coef < 1:
             raise ConfigError("ptx_coef", f"must be in [0, 1), got {self.ptx_coef}")
@@ -246,6 +252,7 @@ class RewardArgs:
 
 
 ROLES = ("generator", "reference", "reward", "critic")
+GROUP_ESTIMATORS = ("grpo", "rloo", "dr_grpo", "reinforce_pp_baseline")  # compare the samples of one prompt
 
 
 @dataclass
@@ -344,7 +351,7 @@ class PPOConfig:
             check_finite(getattr(self, part))
             getattr(self, part).validate()
         run, ro, obj = self.run, self.rollout, self.objective
-        if obj.advantage_estimator in ("grpo", "rloo", "dr_grpo") and ro.n_samples_per_prompt < 2:
+        if obj.advantage_estimator in GROUP_ESTIMATORS and ro.n_samples_per_prompt < 2:
             raise ConfigError("n_samples_per_prompt", f"{obj.advantage_estimator} compares samples of one prompt; "
                               f"needs >= 2, got {ro.n_samples_per_prompt}")
         per_update = run.train_batch_size * self.cluster.trainers
@@ -357,6 +364,9 @@ class PPOConfig:
             raise ConfigError("buffer_limit", f"must hold (max_staleness + 1) steps of samples = "
                               f"{(run.max_staleness + 1) * self.step_samples()}, got {run.buffer_limit}")
         transport_class(ro.vllm_weight_sync).check_config(ro, self.model)
+        if obj.overlong_buffer > ro.max_new_tokens:
+            raise ConfigError("overlong_buffer", f"must be at most --max_new_tokens ({ro.max_new_tokens}), got "
+                              f"{obj.overlong_buffer}")
         rw = self.reward  # the sources, their files and weights (the demo RM stands in for a missing --rm_path)
         rw.specs(run.rm_path or ("(the demo reward model)" if rw.uses_model(None) else None))
         if run.resume not in ("no", "auto"):  # before Ray and the actors start (check_resume saw a directory)

@@ -41,7 +41,7 @@ def reward_specs(rm_path: str | None, reward_fn: str | None, reward_url: str | N
             name = split_spec(reward_fn)[1]
         else:
             name = found[0]
-        if name in ("mean", "std", "rm", "remote"):  # reward/mean, reward/std are the weighted total's
+        if name in ("mean", "std", "rm", "remote", "overlong"):  # taken: the total, the other sources
             name = f"fn_{name}"
         specs.append(("fn", name, reward_fn))
     if reward_url is not None:

@@ -28,6 +28,7 @@ from coati_ray.algos.advantages import (
     normalize_scores,
 )
 from coati_ray.algos.kl import token_kl
+from coati_ray.algos.objectives import overlong_penalty
 from coati_ray.engines.backends import make_backend
 from coati_ray.engines.generation import SamplingParams, WeightUpdate
 from coati_ray.experience import Experience
@@ -139,6 +140,10 @@ class GeneratorWorker:
         ref_lp, scores = ray.get([self.reference.log_probs.remote(rollout_ref, ro.temperature),
                                   self.reward.score.remote(rollout_ref, batch)])
         score = weighted_total(scores, self.reward_specs)  # (B,)
+        if obj.overlong_buffer:  # DAPO eq. 13: the length shaping is part of the score
+            scores["overlong"] = overlong_penalty(exp.action_mask.sum(1), ro.max_new_tokens, obj.overlong_buffer,
+                                                  obj.overlong_penalty)
+            score = score + scores["overlong"]
         # 4. KL and (critic-free) advantages
         kl = token_kl(exp.log_probs, ref_lp, exp.action_mask, obj.kl_estimator)
         shaped = normalize_scores(score, obj.reward_clip, obj.normalize_reward)

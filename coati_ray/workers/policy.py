@@ -8,11 +8,12 @@ Loss per minibatch (token-mean over the *global* minibatch, see `algos/losses.py
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from coati_ray.algos.advantages import masked_whiten
 from coati_ray.algos.losses import combine_actor_loss, entropy_from_logits
 from coati_ray.algos.objectives import (
     PolicyLossOut,
@@ -88,6 +89,10 @@ class PolicyWorker(PPORank):
         exp = self._fetch(refs)
         if exp.advantages is None:
             raise RuntimeError("experience reached the policy trainer without advantages")
+        if obj.advantage_estimator.startswith("reinforce_pp"):
+            # REINFORCE++ whitens over the whole batch (arXiv:2501.03262): the generators whitened
+            # their own chunks; here is the step's every chunk (every rank fetched all of them).
+            exp = replace(exp, advantages=masked_whiten(exp.returns, exp.action_mask))
         # The trainer's own log-probs of the rollout under the weights that made it, when TIS needs them
         # (the ratio's pi_old is then the trainer's, and the generator/trainer gap goes into the weights).
         train_old = self._rollout_log_probs(exp) if obj.tis_cap is not None else None

@@ -45,3 +45,17 @@ def test_tis_bounds_the_weights_when_generator_and_trainer_disagree(ray_cluster,
     for m in bf16.history:
         assert m["rollout/logprob_diff_max"] > 1e-3, m["rollout/logprob_diff_max"]
         assert 0.0 < m["tis/clip_fraction"] < 1.0 and m["rollout/gen_train_kl"] > 0
+
+
+def test_reinforce_pp_whitens_over_the_step_and_overlong_shaping_is_part_of_the_score(ray_cluster, micro_model,
+                                                                                        tmp_path):
+    plain = ppo(micro_model, tmp_path, "rpp", advantage_estimator="reinforce_pp", n_samples_per_prompt=1,
+                experience_batch_size=16)
+    shaped = ppo(micro_model, tmp_path, "rppb", advantage_estimator="reinforce_pp_baseline", overlong_buffer=8,
+                 overlong_penalty=0.5)
+    for m in plain.history:
+        assert math.isfinite(m["policy/loss"]) and m["policy/grad_norm"] > 0
+    for m in shaped.history:
+        # buffer = max_new_tokens = 8: every response loses 0.5 * length / 8 (DAPO eq. 13)
+        assert m["reward/overlong"] == pytest.approx(-0.5 * m["response/length"] / 8, abs=1e-6)
+        assert m["reward/mean"] == pytest.approx(m["reward/rm"] + m["reward/overlong"], abs=1e-5)
