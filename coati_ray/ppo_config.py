@@ -125,6 +125,11 @@ class ObjectiveArgs:
                                  "tokens lose up to --overlong_penalty, linearly (0: off).", default=0)
     overlong_penalty: float = _help("The most --overlong_buffer takes off the score (at --max_new_tokens).",
                                     default=1.0)
+    dynamic_sampling: bool = _help("DAPO's dynamic sampling: a prompt whose samples all got the same score is "
+                                   "replaced by another prompt's samples (group estimators; metrics dynamic/*).",
+                                   default=False)
+    dynamic_sampling_tries: int = _help("--dynamic_sampling: rounds of replacement prompts per chunk before its "
+                                        "signal-free groups are kept as they are.", default=3)
     normalize_reward: bool = _help("Whiten each rollout batch's reward scores.", default=False)
     reward_clip: float | None = _help("Clip reward scores to [-c, c].", default=None)
     whiten_advantages: bool = _help("Whiten GAE advantages over each step's batch.", default=True)
@@ -132,7 +137,8 @@ class ObjectiveArgs:
     def validate(self) -> None:
         for name in ("kl_target", "reward_clip"):
             _positive_or_none(self, name)
-        for name in ("kl_coef", "value_clip", "entropy_coef", "overlong_buffer", "overlong_penalty"):
+        for name in ("kl_coef", "value_clip", "entropy_coef", "overlong_buffer", "overlong_penalty",
+                     "dynamic_sampling_tries"):
             _at_least(self, 0, name)
         if not 0 <= self.ptx_coef < 1:
             raise ConfigError("ptx_coef", f"must be in [0, 1), got {self.ptx_coef}")
@@ -364,6 +370,9 @@ class PPOConfig:
             raise ConfigError("buffer_limit", f"must hold (max_staleness + 1) steps of samples = "
                               f"{(run.max_staleness + 1) * self.step_samples()}, got {run.buffer_limit}")
         transport_class(ro.vllm_weight_sync).check_config(ro, self.model)
+        if obj.dynamic_sampling and (obj.advantage_estimator not in GROUP_ESTIMATORS or ro.n_samples_per_prompt < 2):
+            raise ConfigError("dynamic_sampling", f"drops groups of one prompt's samples: needs a group estimator "
+                              f"({', '.join(GROUP_ESTIMATORS)}) and --n_samples_per_prompt >= 2")
         if obj.overlong_buffer > ro.max_new_tokens:
             raise ConfigError("overlong_buffer", f"must be at most --max_new_tokens ({ro.max_new_tokens}), got "
                               f"{obj.overlong_buffer}")

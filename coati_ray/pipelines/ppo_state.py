@@ -139,7 +139,8 @@ def step_metrics(taken, versions: list[int], step: int, pm: dict, cm: dict, kl_c
             mu = tot[key] / n
             sources[f"reward/{name}"] = mu
             sources[f"reward/{name}_std"] = max(tot[f"source_sq/{name}"] / n - mu * mu, 0.0) ** 0.5
-    return {**pm, **cm, **sources,
+    dynamic = {f"dynamic/{k.removeprefix('dyn_')}": v for k, v in tot.items() if k.startswith("dyn_")}
+    return {**pm, **cm, **sources, **dynamic,
             "reward/mean": mean, "reward/std": max(tot["score_sq"] / n - mean * mean, 0.0) ** 0.5,
             "kl/mean": tot["kl_sum"] / n, "kl/coef": kl_coef,
             "response/length": tot["length_sum"] / n, "response/finished": tot["finished"] / n,

@@ -17,8 +17,9 @@ The driver never sees the chunk.
 from __future__ import annotations
 
 import logging
+import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,7 +29,7 @@ from coati_ray.algos.advantages import (
     normalize_scores,
 )
 from coati_ray.algos.kl import token_kl
-from coati_ray.algos.objectives import overlong_penalty
+from coati_ray.algos.objectives import groups_with_signal, overlong_penalty
 from coati_ray.engines.backends import make_backend
 from coati_ray.engines.generation import SamplingParams, WeightUpdate
 from coati_ray.experience import Experience
@@ -116,38 +117,27 @@ class GeneratorWorker:
 
     def rollout(self, chunk: Chunk, min_version: int, ticket: WeightTicket, kl_coef: float):
         """Make the experience of `chunk`: returns (Experience, ChunkMeta)."""
-        import ray
-
         t_load = 0.0
         if self.version < min_version:  # 0. never generate with weights older than asked for
             t_load = ticket.bring_up_to_date(self)
             if self.version < min_version:
                 raise RuntimeError(f"generator-{self.index}: step {chunk.step} needs weights v{min_version}, "
                                    f"got v{self.version}")
-        ro, obj, n = self.job.rollout, self.job.objective, chunk.n_samples
-        # 1-2. sample; seeded by (seed, step, chunk) so a resumed run, or a chunk issued again, samples alike
+        obj, n = self.job.objective, chunk.n_samples
         t0 = time.perf_counter()
-        params = SamplingParams(ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens,
-                                seed=self.job.seed * 1_000_003 + chunk.step * 1009 + chunk.index)
-        ids = [self.tokens_of(i) for i in chunk.rows for _ in range(n)]
-        out = self.backend.generate(ids, params)
-        sample_ids = chunk.sample_ids()
-        exp = self._to_experience(ids, out, sample_ids, [i for i in chunk.rows for _ in range(n)])
-        t1 = time.perf_counter()
-        # 3. reference and reward read the rollout from the object store (not via the driver)
-        rollout_ref = ray.put(exp)
-        batch = self._reward_batch(exp, out, sample_ids, [i for i in chunk.rows for _ in range(n)])
-        ref_lp, scores = ray.get([self.reference.log_probs.remote(rollout_ref, ro.temperature),
-                                  self.reward.score.remote(rollout_ref, batch)])
-        score = weighted_total(scores, self.reward_specs)  # (B,)
-        if obj.overlong_buffer:  # DAPO eq. 13: the length shaping is part of the score
-            scores["overlong"] = overlong_penalty(exp.action_mask.sum(1), ro.max_new_tokens, obj.overlong_buffer,
-                                                  obj.overlong_penalty)
-            score = score + scores["overlong"]
+        # 1-3. sample and score (reference log-probs, every reward source)
+        part = self._sample_and_score(list(chunk.rows), chunk, chunk.sample_ids(), attempt=0)
+        dyn: dict[str, float] = {}
+        if obj.dynamic_sampling:
+            part, dyn = self._dynamic_sampling(chunk, part)
+        exp, out, scores, rows = part.exp, part.out, part.scores, part.rows
+        exp = replace(exp, sample_ids=torch.tensor(chunk.sample_ids()),
+                      prompt_index=torch.tensor([r for r in rows for _ in range(n)]))
+        score, t1 = part.total, time.perf_counter()
         # 4. KL and (critic-free) advantages
-        kl = token_kl(exp.log_probs, ref_lp, exp.action_mask, obj.kl_estimator)
+        kl = token_kl(exp.log_probs, exp.ref_log_probs, exp.action_mask, obj.kl_estimator)
         shaped = normalize_scores(score, obj.reward_clip, obj.normalize_reward)
-        exp = replace(exp, ref_log_probs=ref_lp, kl=kl, score=shaped, raw_score=score)
+        exp = replace(exp, kl=kl, score=shaped, raw_score=score)
         if not NEEDS_CRITIC[obj.advantage_estimator]:
             adv, ret = ADVANTAGE_ESTIMATORS[obj.advantage_estimator](
                 shaped, kl, exp.action_mask, kl_coef, None, n, obj.gamma, obj.lam)
@@ -155,14 +145,68 @@ class GeneratorWorker:
         t2 = time.perf_counter()
         self.rollouts += 1
         lengths = exp.action_mask.sum(1)
-        k1 = (exp.log_probs - ref_lp) * exp.action_mask
+        k1 = (exp.log_probs - exp.ref_log_probs) * exp.action_mask
         stats = {"score_sum": float(score.sum()), "score_sq": float(score.square().sum()),
                  "kl_sum": float(k1.sum()), "length_sum": float(lengths.sum()),
                  "finished": float(sum(g.finished for g in out)), "tokens": float(lengths.sum()),
-                 "generate_s": t1 - t0, "score_s": t2 - t1, "load_s": t_load,
+                 "generate_s": t1 - t0 - part.score_s, "score_s": part.score_s + t2 - t1, "load_s": t_load, **dyn,
                  **{f"source_sum/{k}": float(v.sum()) for k, v in scores.items()},
                  **{f"source_sq/{k}": float(v.float().square().sum()) for k, v in scores.items()}}
-        return exp, ChunkMeta(chunk.step, self.version, sample_ids, self.index, stats)
+        return exp, ChunkMeta(chunk.step, self.version, chunk.sample_ids(), self.index, stats)
+
+    def _sample_and_score(self, rows: list[int], chunk: Chunk, sample_ids: list[int], attempt: int) -> _Part:
+        """Sample `n_samples` responses for each prompt row and score them: the reference's log-probs and
+        every reward source. Seeded by (seed, step, chunk, attempt): a resumed run, or a chunk issued
+        again, samples alike."""
+        import ray
+
+        ro, obj, n = self.job.rollout, self.job.objective, chunk.n_samples
+        params = SamplingParams(ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens,
+                                seed=self.job.seed * 1_000_003 + chunk.step * 1009 + chunk.index + attempt * 7919)
+        each = [r for r in rows for _ in range(n)]
+        ids = [self.tokens_of(i) for i in each]
+        out = self.backend.generate(ids, params)
+        exp = self._to_experience(ids, out, sample_ids, each)
+        t = time.perf_counter()
+        # the reference and the reward actor read the rollout from the object store (not via the driver)
+        rollout_ref = ray.put(exp)
+        batch = self._reward_batch(exp, out, sample_ids, each)
+        ref_lp, scores = ray.get([self.reference.log_probs.remote(rollout_ref, ro.temperature),
+                                  self.reward.score.remote(rollout_ref, batch)])
+        total = weighted_total(scores, self.reward_specs)  # (B,)
+        if obj.overlong_buffer:  # DAPO eq. 13: the length shaping is part of the score
+            scores["overlong"] = overlong_penalty(exp.action_mask.sum(1), ro.max_new_tokens, obj.overlong_buffer,
+                                                  obj.overlong_penalty)
+            total = total + scores["overlong"]
+        return _Part(replace(exp, ref_log_probs=ref_lp), list(out), scores, total, list(rows), n,
+                     time.perf_counter() - t)
+
+    def _dynamic_sampling(self, chunk: Chunk, first: _Part) -> tuple[_Part, dict[str, float]]:
+        """DAPO's dynamic sampling (arXiv:2503.14476 eq. 11): a group whose samples all got the same score
+        teaches nothing to a group-relative estimator; replace it by the group of another prompt (drawn
+        with a seed of (seed, step, chunk, try)), up to --dynamic_sampling_tries times. Groups still
+        missing then keep their first, signal-free samples (counted as unfilled)."""
+        n, tries = chunk.n_samples, self.job.objective.dynamic_sampling_tries
+        ids = chunk.sample_ids()
+        keep = groups_with_signal(first.total, n)
+        good, flat = [first.groups(keep)], [first.groups(~keep)]
+        missing, dropped, extra = int((~keep).sum()), int((~keep).sum()), 0
+        for attempt in range(1, tries + 1):
+            if not missing:
+                break
+            rng = random.Random(hash((self.job.seed, chunk.step, chunk.index, attempt)))
+            rows = rng.sample(range(len(self.prompts)), min(missing, len(self.prompts)))
+            part = self._sample_and_score(rows, chunk, ids[-missing * n:][:len(rows) * n], attempt)
+            extra += len(rows)
+            keep = groups_with_signal(part.total, n)[:missing]
+            good.append(part.groups(keep))
+            missing -= int(keep.sum())
+            dropped += int((~keep).sum())
+        if missing:  # tries ran out: the first try's signal-free groups fill the chunk
+            good.append(_Part.join(flat, self.tokenizer.pad_token_id).first_groups(missing))
+        joined = _Part.join(good, self.tokenizer.pad_token_id)
+        return joined, {"dyn_dropped_groups": float(dropped), "dyn_extra_prompts": float(extra),
+                        "dyn_unfilled_groups": float(missing)}
 
     def _reward_batch(self, exp: Experience, out, sample_ids: list[int], rows: list[int]) -> RewardBatch:
         """The text side of a rollout for reward functions and servers: prompts as the dataset has
@@ -196,3 +240,35 @@ class GeneratorWorker:
         n = len(prompts)
         return Experience(seq, mask, action_mask, log_probs, torch.zeros(n), torch.tensor(sample_ids),
                           torch.full((n,), self.version), torch.tensor(prompt_index))
+
+
+@dataclass
+class _Part:
+    """Some prompt groups of a chunk, sampled and scored: the unit dynamic sampling keeps or drops."""
+
+    exp: Experience  # (G * n) rows, with ref_log_probs
+    out: list  # the backend's generations, one per row
+    scores: dict[str, torch.Tensor]  # source -> (G * n,)
+    total: torch.Tensor  # (G * n,) weighted sum (+ overlong shaping)
+    rows: list[int]  # G prompt rows
+    n: int  # samples per prompt
+    score_s: float = 0.0  # seconds spent scoring (reference + rewards)
+
+    def groups(self, keep: torch.Tensor) -> _Part:
+        """The groups where `keep` (G,) is True."""
+        idx = [g * self.n + j for g in range(len(self.rows)) if keep[g] for j in range(self.n)]
+        return _Part(self.exp.select(idx), [self.out[i] for i in idx], {k: v[idx] for k, v in self.scores.items()},
+                     self.total[idx], [r for g, r in enumerate(self.rows) if keep[g]], self.n, self.score_s)
+
+    def first_groups(self, k: int) -> _Part:
+        keep = torch.zeros(len(self.rows), dtype=torch.bool)
+        keep[:k] = True
+        return self.groups(keep)
+
+    @staticmethod
+    def join(parts: list[_Part], pad_token_id: int) -> _Part:
+        parts = [p for p in parts if p.rows] or parts[:1]
+        return _Part(Experience.concat([p.exp for p in parts], pad_token_id), [g for p in parts for g in p.out],
+                     {k: torch.cat([p.scores[k] for p in parts]) for k in parts[0].scores},
+                     torch.cat([p.total for p in parts]), [r for p in parts for r in p.rows], parts[0].n,
+                     sum(p.score_s for p in parts))

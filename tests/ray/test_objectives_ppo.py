@@ -59,3 +59,32 @@ def test_reinforce_pp_whitens_over_the_step_and_overlong_shaping_is_part_of_the_
         # buffer = max_new_tokens = 8: every response loses 0.5 * length / 8 (DAPO eq. 13)
         assert m["reward/overlong"] == pytest.approx(-0.5 * m["response/length"] / 8, abs=1e-6)
         assert m["reward/mean"] == pytest.approx(m["reward/rm"] + m["reward/overlong"], abs=1e-5)
+
+
+def test_dynamic_sampling_replaces_groups_without_signal_and_counts_them(ray_cluster, micro_model, tmp_path):
+    """DAPO's dynamic sampling: a constant reward gives no group any signal, so every group is dropped
+    at every try and the chunk keeps its first samples (all counted); a reward with signal for
+    odd-numbered prompts only fills the step with groups that have it."""
+    import json
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: how many?", "k": i}) + "\n"
+                               for i in range(32)), encoding="utf-8")
+    fn = tmp_path / "rewards.py"
+    fn.write_text("def flat(prompts, responses, k, **_):\n    return [0.0] * len(prompts)\n\n"
+                  "def odd(prompts, responses, k, **_):\n"
+                  "    return [float(len(r) % 2) if i % 2 else 0.0 for r, i in zip(responses, k)]\n")
+    common = {"prompt_dataset": str(prompts), "dynamic_sampling": True, "dynamic_sampling_tries": 2,
+              "experience_batch_size": 4, "n_samples_per_prompt": 4, "train_batch_size": 16, "max_steps": 2,
+              "rm_path": None, "temperature": 1.5}
+    flat = ppo(micro_model, tmp_path, "flat", reward_fn=f"{fn}:flat", **common)
+    for m in flat.history:  # 4 groups: dropped at the first try and at each of the 2 refills
+        assert (m["dynamic/dropped_groups"], m["dynamic/extra_prompts"], m["dynamic/unfilled_groups"]) == (12, 8, 4)
+    odd = ppo(micro_model, tmp_path, "odd", reward_fn=f"{fn}:odd", **common)
+    for m in odd.history:
+        # every dropped group was replaced by a drawn prompt, or is one of those kept unfilled
+        assert m["dynamic/dropped_groups"] == m["dynamic/extra_prompts"] + m["dynamic/unfilled_groups"]
+        assert m["reward/odd_std"] > 0  # what was kept has signal
+    assert sum(m["dynamic/dropped_groups"] for m in odd.history) > 0
+    assert sum(m["dynamic/unfilled_groups"] for m in odd.history) < 8  # most were filled with signal
+    assert all(sorted(ids) == list(range(16 * s, 16 * s + 16)) for s, ids in enumerate(odd.made_ids))
