@@ -2,6 +2,7 @@
 """The whole pipeline on the embedded defaults (tiny llama, bilingual demo data, local Ray).
 
     python launchers/demo.py                       # SFT -> reward model -> PPO, then gold scores
+    python launchers/demo.py --recipe rlvr         # SFT -> GRPO with the demo verifier as the reward
     python launchers/demo.py --actors 2 --trainers 2 --out outputs/demo2
     python launchers/demo.py --address auto        # on a running Ray cluster
 """
@@ -16,11 +17,15 @@ def main(argv=None):
     setup_logging()
     (args,), _ = parse([DemoArgs], argv, __doc__)
     s = run_demo(args)
-    print("\n=== coati_ray demo: SFT -> RM -> PPO on the bilingual arithmetic task ===")
+    stages = {"rlhf": "SFT -> RM -> PPO", "rlvr": "SFT -> GRPO on a verifier", "dapo": "SFT -> DAPO on a verifier"}
+    print(f"\n=== coati_ray demo ({args.recipe}): {stages[args.recipe]} on the bilingual arithmetic task ===")
     print(f"SFT    train loss {s['sft']['first_train_loss']:.3f} -> eval loss {s['sft']['eval_loss']:.3f}"
           f"   ({s['sft']['seconds']:.0f} s)")
-    print(f"RM     held-out accuracy {s['rm']['eval_accuracy']:.3f}, mean margin {s['rm']['eval_margin']:.2f}"
-          f"   ({s['rm']['seconds']:.0f} s)")
+    if s["rm"]:
+        print(f"RM     held-out accuracy {s['rm']['eval_accuracy']:.3f}, mean margin {s['rm']['eval_margin']:.2f}"
+              f"   ({s['rm']['seconds']:.0f} s)")
+    else:
+        print(f"reward {s['reward']} (no reward model, no critic)")
     print(f"PPO    {s['ppo']['steps']} steps, reward {s['ppo']['reward_first5']:.3f} -> {s['ppo']['reward_last5']:.3f} "
           f"(mean of first / last 5 steps)   ({s['ppo']['seconds']:.0f} s)")
     print(f"gold   score on {s['gold']['prompts']} held-out prompts: SFT {s['gold']['sft']:.3f}, "

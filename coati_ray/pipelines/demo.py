@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from coati_ray.config import ClusterArgs, _at_least, _help, _positive_or_none
 from coati_ray.pipelines.demo_models import DemoRecipeArgs, train_stage12
@@ -43,6 +44,13 @@ class DemoArgs(DemoRecipeArgs):
     eval_prompts: int = _help("Held-out prompts the SFT and PPO policies are gold-scored on.", default=200)
     address: str | None = _help("Ray cluster to join (e.g. 'auto'); default: an embedded local Ray.",
                                    default=None)
+    recipe: Literal["rlhf", "rlvr", "dapo"] = _help(
+        "rlhf: SFT -> reward model -> PPO against it (ColossalChat's three stages). rlvr: SFT -> GRPO with a "
+        "verifiable reward (--reward_fn, default the demo's gold verifier), no reward model, no critic. dapo: "
+        "rlvr with DAPO's settings (clip-higher 0.2 / 0.28, dynamic sampling, token-mean loss, no KL).",
+        default="rlhf")
+    reward_fn: str | None = _help("rlvr / dapo: the reward (a built-in verifier or 'path/to/file.py:name'); "
+                                  "default: demo.", default=None)
 
     def validate(self) -> None:
         DemoRecipeArgs.validate(self)
@@ -69,13 +77,19 @@ def run_demo(a: DemoArgs) -> dict:
     t0 = time.perf_counter()
     out = Path(a.out)
     cluster = ClusterArgs(trainers=a.trainers, address=a.address)
-    st = train_stage12(a, out, cluster)
+    st = train_stage12(a, out, cluster, reward_model=a.recipe == "rlhf")
     t1 = time.perf_counter()
-    ppo = run_ppo(PPOConfig.of(
-        pretrain=str(out / "sft"), rm_path=str(out / "rm"), strategy=a.strategy, max_steps=a.ppo_steps, lr=a.ppo_lr,
-        critic_lr=a.critic_lr, experience_batch_size=32, train_batch_size=16 // a.trainers or 1, max_new_tokens=32,
-        seed=a.seed, save_path=str(out / "ppo"), log_interval=5, actors=a.actors, trainers=a.trainers,
-        address=a.address, overwrite=True))
+    common = dict(pretrain=str(out / "sft"), strategy=a.strategy, max_steps=a.ppo_steps, lr=a.ppo_lr,
+                  train_batch_size=16 // a.trainers or 1, max_new_tokens=32, seed=a.seed, save_path=str(out / "ppo"),
+                  log_interval=5, actors=a.actors, trainers=a.trainers, address=a.address, overwrite=True)
+    if a.recipe == "rlhf":
+        cfg = PPOConfig.of(rm_path=str(out / "rm"), critic_lr=a.critic_lr, experience_batch_size=32, **common)
+    else:  # the same 32 samples a step: 8 prompts x 4 samples, compared within each prompt's group
+        dapo = dict(eps_clip_low=0.2, eps_clip_high=0.28, dynamic_sampling=True, loss_agg="token_mean",
+                    kl_coef=0.0) if a.recipe == "dapo" else {}
+        cfg = PPOConfig.of(reward_fn=a.reward_fn or "demo", advantage_estimator="grpo", experience_batch_size=8,
+                           n_samples_per_prompt=4, **dapo, **common)
+    ppo = run_ppo(cfg)
     t_ppo = time.perf_counter() - t1
     prompts = held_out_prompts(a.eval_prompts)
     tok = load_tokenizer(str(out / "sft"))
@@ -85,8 +99,10 @@ def run_demo(a: DemoArgs) -> dict:
         "sft": {"first_train_loss": st["sft"].history[0]["train/loss"], "eval_loss": st["sft"].final_eval["eval/loss"],
                 "seconds": round(st["t_sft"], 1),
                 "path": str(out / "sft")},
-        "rm": {"eval_accuracy": st["rm"].final_eval["eval/accuracy"], "eval_margin": st["rm"].final_eval["eval/margin"],
-               "seconds": round(st["t_rm"], 1), "path": str(out / "rm")},
+        "recipe": a.recipe, "reward": "rm" if a.recipe == "rlhf" else a.reward_fn or "demo",
+        "rm": None if st["rm"] is None else {
+            "eval_accuracy": st["rm"].final_eval["eval/accuracy"], "eval_margin": st["rm"].final_eval["eval/margin"],
+            "seconds": round(st["t_rm"], 1), "path": str(out / "rm")},
         "ppo": {"steps": len(h), "reward_first5": sum(m["reward/mean"] for m in h[:5]) / max(len(h[:5]), 1),
                 "reward_last5": sum(m["reward/mean"] for m in h[-5:]) / max(len(h[-5:]), 1),
                 "kl_last": h[-1]["kl/mean"] if h else None, "seconds": round(t_ppo, 1), "path": str(out / "ppo")},

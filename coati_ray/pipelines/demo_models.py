@@ -40,8 +40,8 @@ class DemoRecipeArgs:
             _positive_or_none(self, name)
 
 
-def train_stage12(a: DemoRecipeArgs, out: Path, cluster: ClusterArgs) -> dict:
-    """Steps 1-2 of the recipe into out/sft and out/rm; returns their results."""
+def train_stage12(a: DemoRecipeArgs, out: Path, cluster: ClusterArgs, reward_model: bool = True) -> dict:
+    """Steps 1-2 of the recipe into out/sft and out/rm (step 1 only without `reward_model`); their results."""
     a.validate()
     from coati_ray.config import ModelArgs, PairDataArgs, RMArgs, SFTDataArgs, TrainArgs
     from coati_ray.pipelines.supervised import run_training
@@ -54,6 +54,8 @@ def train_stage12(a: DemoRecipeArgs, out: Path, cluster: ClusterArgs) -> dict:
     sft = run_training("sft", ModelArgs(preset_size=a.preset_size), SFTDataArgs(), ta("sft", a.sft_epochs, a.sft_lr),
                        cluster)
     t_sft = time.perf_counter() - t0
+    if not reward_model:
+        return {"sft": sft, "rm": None, "t_sft": t_sft, "t_rm": 0.0}
     rm = run_training("rm", ModelArgs(pretrain=str(out / "sft")), PairDataArgs(), ta("rm", a.rm_epochs, a.rm_lr),
                       cluster, rm=RMArgs())
     return {"sft": sft, "rm": rm, "t_sft": t_sft, "t_rm": time.perf_counter() - t0 - t_sft}

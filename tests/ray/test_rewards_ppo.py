@@ -129,3 +129,17 @@ def test_a_resumed_run_with_a_reward_function_gets_the_same_samples_and_rewards(
     for a, b in zip(full.history[1:], resumed.history):  # rewards depend on the sampled responses
         assert a["reward/score"] == pytest.approx(b["reward/score"], abs=1e-6)
         assert a["response/length"] == pytest.approx(b["response/length"], abs=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["rlvr", "dapo"])
+def test_the_demo_runs_its_verifier_recipes_without_a_reward_model(ray_cluster, tmp_path, recipe):
+    from coati_ray.pipelines.demo import DemoArgs, run_demo
+
+    s = run_demo(DemoArgs(recipe=recipe, preset_size="micro", sft_epochs=1, batch_size=64, ppo_steps=2,
+                          eval_prompts=8, out=str(tmp_path / "demo")))
+    assert s["recipe"] == recipe and s["reward"] == "demo" and s["rm"] is None
+    assert s["ppo"]["steps"] == 2 and 0.0 <= s["gold"]["ppo"] <= 1.0
+    assert not (tmp_path / "demo" / "rm").exists()
+    summary = json.loads((tmp_path / "demo" / "ppo" / "ppo_summary.json").read_text())
+    assert [r["name"] for r in summary["reward_sources"]] == ["demo"]
+    assert summary["ppo_args"]["dynamic_sampling"] is (recipe == "dapo")
