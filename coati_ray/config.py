@@ -135,6 +135,7 @@ class RunArgs:
     def validate(self) -> None:
         from coati_ray.run_dir import check_save_path
 
+        check_seed(self.seed)
         check_resume(self)
         check_save_path(self.save_path, self.resume, self.overwrite)
         _at_least(self, 0, "keep_checkpoints")
@@ -255,6 +256,14 @@ def check_resume(args) -> None:
         args.resume = "auto" if args.resume else "no"
     if args.resume not in ("no", "auto") and not os.path.isdir(args.resume):
         raise ConfigError("resume", f"expected 'auto', 'no' or a checkpoint directory; {args.resume} is none of them")
+
+
+SEED_MAX = 2 ** 32 - 1  # the seeds derived from it (x 1_000_003 + step ...) stay inside torch's 64 bits
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError("seed", f"must be in [0, {SEED_MAX}], got {seed}")
 
 
 def check_finite(args) -> None:

@@ -52,7 +52,9 @@ def main(argv=None) -> dict:
     import ray
 
     from coati_ray.cluster.control import NAME, find_control
+    from coati_ray.cluster.ray_env import check_reachable
 
+    check_reachable(args.address)
     ray.init(address=args.address, namespace=args.namespace, logging_level="ERROR", log_to_driver=False)
     try:
         control = find_control(args.namespace)

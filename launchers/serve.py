@@ -61,6 +61,23 @@ class ServeArgs:
             raise ConfigError("max_batch_size", f"must be >= 1, got {self.max_batch_size}")
         if self.max_body_bytes < 1:
             raise ConfigError("max_body_bytes", f"must be >= 1, got {self.max_body_bytes}")
+        if self.context_len is not None and self.context_len < 2:
+            raise ConfigError("context_len", f"must be >= 2 (a prompt and an answer token), got {self.context_len}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port", f"must be in 0..65535, got {self.port}")
+        check_port_free(self.host, self.port)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Before the model loads: the address can be listened on (not in use, a name that resolves)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        reason = "already in use" if e.errno == 98 else (e.strerror or str(e))
+        raise ConfigError("port", f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def parse_args(argv) -> ServeArgs:
@@ -158,7 +175,9 @@ def main(argv=None):
                        args.host)
     logger.info("serving %s (context %d tokens) on http://%s:%d/ (chat page), /v1 (OpenAI API)%s", name, ctx,
                 args.host, args.port, ", API key required" if args.api_key else "")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    from coati_ray.serve.http_protocol import OpenAIErrorH11Protocol
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=OpenAIErrorH11Protocol)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, namespace:
     runtime_env = {"env_vars": {k: os.environ[k] for k in ("COATI_RAY_CACHE", "HF_HOME", "RAY_AUTH_MODE")
                                 if k in os.environ}}
     if address:
+        check_reachable(address)
         logger.info("joining Ray cluster at %s", address)
         ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -108,3 +109,22 @@ def _loopback_node_ip(ray):
         # Restored at once: a later ray.init(address=...) in this process must advertise a
         # routable address to the cluster it joins.
         constants.ENABLE_RAY_CLUSTER = saved
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A `host:port` (or `ray://host:port`) that nothing answers on is refused at once: Ray's own client
+    retries the connection for minutes. 'auto' and other forms are left to Ray."""
+    import socket
+
+    from coati_ray.errors import ConfigError
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConfigError("address", f"nothing answers at {address} within {timeout_s:g} s "
+                          f"({e.strerror or type(e).__name__}): is the Ray head running there?") from None

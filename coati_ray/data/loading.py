@@ -115,6 +115,11 @@ def _validate(path: Path, i: int, line: int | None, row: Any, columns: list[Colu
         if not isinstance(value, str):
             raise DataError(str(path), f"expected text, got {type(value).__name__}", row=i, field=col.source,
                             line=line)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(str(path), "not valid Unicode: a lone surrogate (e.g. \\ud800 without its pair)",
+                            row=i, field=col.source, line=line) from None
         if not value.strip() and not col.allow_empty:
             raise DataError(str(path), "expected non-empty text, got an empty value", row=i, field=col.source,
                             line=line)
@@ -149,11 +154,13 @@ def _read(path: Path) -> list[tuple[int | None, Any]]:
         raise DataError(str(path), "the file is empty")
     if suffix in (".csv", ".tsv"):
         return _read_csv(path, text, "\t" if suffix == ".tsv" else ",")
-    if suffix == ".json" and text.lstrip()[:1] in "[{" and not _looks_like_jsonl(text):
+    if suffix == ".json" and not _looks_like_jsonl(text):  # one JSON document (JSON lines start with an object)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(str(path), f"invalid JSON: {e.msg} (column {e.colno})", line=e.lineno) from e
+            raise DataError(str(path), _invalid_json(e), line=e.lineno) from e
+        except ValueError as e:
+            raise DataError(str(path), _invalid_json(e)) from e
         except RecursionError as e:
             raise DataError(str(path), TOO_DEEP) from e
         if isinstance(data, dict):  # {"train": [...]} or a single object
@@ -172,7 +179,7 @@ def _looks_like_jsonl(text: str) -> bool:
     try:
         json.loads(first)
         return "\n" in text.strip()
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError, or a number too long to convert
         return False
 
 
@@ -185,8 +192,8 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[int | None, Any]]:
             continue
         try:
             out.append((n, json.loads(line)))
-        except json.JSONDecodeError as e:
-            out.append((n, DataError(str(path), f"invalid JSON: {e.msg} (column {e.colno})", row=len(out), line=n)))
+        except ValueError as e:  # JSONDecodeError, or a number of more digits than Python converts
+            out.append((n, DataError(str(path), _invalid_json(e), row=len(out), line=n)))
         except RecursionError:
             out.append((n, DataError(str(path), TOO_DEEP, row=len(out), line=n)))
     return out
@@ -195,7 +202,10 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[int | None, Any]]:
 def _read_csv(path: Path, text: str, delimiter: str) -> list[tuple[int | None, Any]]:
     # newline="" as the csv module asks: a quoted value keeps its newlines ("\n", "\r\n") exactly;
     # str.splitlines() dropped them and also split on U+2028 / U+0085 inside values.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # strict: an unterminated quote or text after a closing quote is an error, not a value that
+    # swallows the rest of the file; no size limit of the csv module's own (131072 characters)
+    csv.field_size_limit(2 ** 31 - 1)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -203,20 +213,27 @@ def _read_csv(path: Path, text: str, delimiter: str) -> list[tuple[int | None, A
     except csv.Error as e:
         raise DataError(str(path), f"malformed CSV: {e}", line=reader.line_num) from e
     out: list[tuple[int | None, Any]] = []
+    last = reader.line_num
     try:
-        last = reader.line_num
         for values in reader:
             line, last = last + 1, reader.line_num  # the row's first line (a quoted value may span several)
-            if not any(v.strip() for v in values):
+            # a blank line ([]), or a row of empty fields (",,": Excel's empty rows); a lone `""` is a value
+            if not values or (len(values) > 1 and not any(v.strip() for v in values)):
                 continue
             if len(values) != len(header):
                 out.append((line, DataError(str(path), f"expected {len(header)} fields ({', '.join(header)}), "
                                             f"got {len(values)}", row=len(out), line=line)))
                 continue
             out.append((line, dict(zip(header, values))))
-    except csv.Error as e:
-        raise DataError(str(path), f"malformed CSV: {e}", line=reader.line_num) from e
+    except csv.Error as e:  # the row that starts after the last whole one
+        raise DataError(str(path), f"malformed CSV: {e}", row=len(out), line=last + 1) from e
     return out
+
+
+def _invalid_json(e: ValueError) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON: {e.msg} (column {e.colno})"
+    return f"invalid JSON: {str(e).split(';')[0]}"  # e.g. "Exceeds the limit (4300 digits) for integer ..."
 
 
 def _read_saved_dataset(path: Path) -> datasets.Dataset:

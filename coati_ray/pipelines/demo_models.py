@@ -34,6 +34,10 @@ class DemoRecipeArgs:
     seed: int = _help("Seed of every stage; the same seed gives the same run.", default=42)
 
     def validate(self) -> None:
+        from coati_ray.config import check_finite, check_seed
+
+        check_finite(self)  # nan passes every `> 0` check
+        check_seed(self.seed)
         for name in ("sft_epochs", "rm_epochs", "batch_size"):
             _at_least(self, 1, name)
         for name in ("sft_lr", "rm_lr"):

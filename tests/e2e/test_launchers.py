@@ -28,6 +28,7 @@ def run(script: str, *args: str, timeout: int = 300, env: dict | None = None) ->
     (["--dataset", "{missing}"], "no such file or directory"),
     (["--lr", "nan"], "error: --lr: must be a finite number, got nan"),
     (["--warmup_ratio", "nan"], "error: --warmup_ratio: must be a finite number, got nan"),
+    (["--seed", "18446744073709551616"], "error: --seed: must be in [0, 4294967295], got 18446744073709551616"),
 ])
 def test_bad_flags_give_one_clear_line_and_exit_2(args, expected, micro_model, tmp_path):
     args = [a.format(micro=micro_model, missing=tmp_path / "nope.jsonl") for a in args]
@@ -137,3 +138,27 @@ def test_ppo_launcher_runs_on_a_positional_prompts_csv(micro_model, demo_dir, tm
     assert (tmp_path / "ppo" / "model.safetensors").exists()
     assert (tmp_path / "ppo" / "checkpoints" / "step_2" / "ppo_state.json").exists()
     assert list((tmp_path / "ppo" / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("script,args,expected", [  # found by scripts/probe.py (docs/reliability.md)
+    ("serve.py", ["{micro}", "--port", "70000"], "error: --port: must be in 0..65535, got 70000"),
+    ("serve.py", ["{micro}", "--port", "{busy}"], "error: --port: cannot listen on 127.0.0.1:{busy}: already in use"),
+    ("serve.py", ["{micro}", "--context_len", "0"], "error: --context_len: must be >= 2"),
+    ("control.py", ["--status", "--address", "127.0.0.1:{closed}"], "error: --address: nothing answers at 127.0.0.1:"),
+    ("demo.py", ["--ppo_lr", "nan"], "error: --ppo_lr: must be a finite number, got nan"),
+    ("demo.py", ["--sft_lr", "inf"], "error: --sft_lr: must be a finite number, got inf"),
+])
+def test_more_launchers_refuse_bad_flags_before_loading_anything(script, args, expected, micro_model, tmp_path):
+    import socket
+
+    with socket.socket() as busy, socket.socket() as closed:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        closed.bind(("127.0.0.1", 0))
+        ports = {"micro": micro_model, "busy": busy.getsockname()[1], "closed": closed.getsockname()[1]}
+        closed.close()  # nothing listens there now
+        args = [a.format(**ports) for a in args]
+        p = run(script, *args, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert expected.format(**ports) in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "starting a local Ray" not in p.stderr

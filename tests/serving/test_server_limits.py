@@ -284,3 +284,14 @@ def test_host_rules():
     assert wide.ok("10.1.2.3:8000", 8000) and wide.ok("[fe80::1]:8000", 8000) and wide.ok("gpu-box:8000", 8000)
     assert not wide.ok("evil.example:8000", 8000)
     assert HostCheck("127.0.0.1", ["*"]).ok("anything.example", 8000)
+
+
+def test_a_request_the_http_parser_refuses_gets_openais_error_body(server):
+    """uvicorn's parser answers a malformed request itself, before the app: still OpenAI's shape."""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server['port']}\r\nContent-Type: "
+            "application/json\r\nContent-Length: abc\r\n\r\n").encode()
+    status, headers, body = raw_exchange(server, head)
+    assert status == 400 and headers["content-type"] == "application/json"
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"].startswith("malformed HTTP request")
+    still_serving(server)
