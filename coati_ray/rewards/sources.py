@@ -94,4 +94,6 @@ def build_source(spec: RewardSpec, remote: RemoteOptions, model_source: Callable
 
 def weighted_total(scores: dict[str, torch.Tensor], specs: list[RewardSpec]) -> torch.Tensor:
     """sum_s w_s * score_s, (B,)."""
-    return sum(s.weight * scores[s.name].float() for s in specs)
+    if not specs:
+        raise ValueError("no reward source: give --rm_path, --reward_fn or --reward_url")
+    return torch.stack([s.weight * scores[s.name].float() for s in specs]).sum(0)

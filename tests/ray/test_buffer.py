@@ -11,6 +11,7 @@ from helpers import wait_dead
 from coati_ray.config import ModelArgs, PromptDataArgs
 from coati_ray.experience import Experience
 from coati_ray.ppo_config import ObjectiveArgs, RolloutArgs
+from coati_ray.rewards.sources import reward_specs
 from coati_ray.runtime import start_actor
 from coati_ray.sync.object_store import StoreTicket
 from coati_ray.workers.buffer import ReplayBuffer
@@ -28,7 +29,7 @@ START = StoreTicket(0)  # weights version 0: what every generator starts with
 @pytest.fixture(scope="module")
 def scorers(ray_cluster, micro_model):
     ref = start_actor(ReferenceWorker, "test-reference-0", (micro_model,), num_cpus=0.5)
-    rew = start_actor(RewardWorker, "test-reward-0", (micro_model,), num_cpus=0.5)
+    rew = start_actor(RewardWorker, "test-reward-0", (reward_specs(micro_model, None, None, None),), num_cpus=0.5)
     yield [ref], [rew]
     for a in (ref, rew):
         ray_cluster.kill(a)
@@ -38,7 +39,8 @@ def make_job(micro_model, demo_dir) -> RolloutJob:
     rollout = RolloutArgs(experience_batch_size=PROMPTS_PER_STEP, n_samples_per_prompt=SAMPLES, max_new_tokens=6)
     return RolloutJob(model=ModelArgs(pretrain=micro_model), policy_path=micro_model,
                       prompt_file=str(demo_dir / "prompts_train.jsonl"), data=PromptDataArgs(), rollout=rollout,
-                      objective=ObjectiveArgs(advantage_estimator="grpo"), seed=42, engine_options={})
+                      objective=ObjectiveArgs(advantage_estimator="grpo"), seed=42, engine_options={},
+                      reward_specs=reward_specs(micro_model, None, None, None))
 
 
 def start_generator(ray, job, scorers, name, index=0, **options):
