@@ -144,8 +144,8 @@ class RankWorker:
             import torch.distributed.checkpoint as dcp
 
             with _single_process_is_meant():
-                dcp.save(self.strategy.checkpoint_state(self.model, self.optimizer),
-                         checkpoint_id=str(tmp / "shards"), no_dist=not dist.is_initialized())
+                # no process group (one trainer): dcp runs without collectives (`no_dist` is not in torch 2.5)
+                dcp.save(self.strategy.checkpoint_state(self.model, self.optimizer), checkpoint_id=str(tmp / "shards"))
             torch.save(rank_state, tmp / f"rank_{self.rank}.pt")
             layout = "dcp"
         else:
@@ -188,7 +188,7 @@ class RankWorker:
 
             state = self.strategy.checkpoint_state(self.model, self.optimizer)  # the shapes to fill
             with _single_process_is_meant():
-                dcp.load(state, checkpoint_id=str(ckpt / "shards"), no_dist=not dist.is_initialized())
+                dcp.load(state, checkpoint_id=str(ckpt / "shards"))
             self.strategy.load_checkpoint_state(self.model, self.optimizer, state)
             own = ckpt / f"rank_{self.rank}.pt"
             rank_state = torch.load(own if own.exists() else ckpt / "rank_0.pt", map_location="cpu",
