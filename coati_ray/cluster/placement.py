@@ -62,17 +62,25 @@ def reserve_packed(bundles: list[dict[str, float]], what: str, log_every_s: floa
     """A PACK placement group for `bundles` (one node when they fit), once Ray has reserved it.
 
     On an autoscaling cluster the reservation may wait for a node to start: say so now and then
-    instead of hanging silently.
+    instead of hanging silently, and give up after the watchdog's bound ($COATI_WATCHDOG_S) with a
+    StuckError naming what was asked for and what the cluster has free.
     """
     import logging
 
     import ray
     from ray.util.placement_group import placement_group
 
+    from coati_ray.runtime import StuckError, watchdog_s
+
     pg = placement_group(bundles, strategy="PACK")
-    waited = 0.0
-    while not ray.wait([pg.ready()], timeout=log_every_s)[0]:
-        waited += log_every_s
+    waited, bound = 0.0, watchdog_s()
+    while not ray.wait([pg.ready()], timeout=min(log_every_s, max(bound - waited, 0.0)))[0]:
+        waited += min(log_every_s, max(bound - waited, 0.0))
+        if waited >= bound:
+            ray.util.remove_placement_group(pg)
+            raise StuckError(f"placement: {what} waited {waited:.0f} s for {bundles} and Ray could not reserve "
+                             f"them; the cluster has {ray.available_resources()} free (actors of another run may "
+                             "hold them); raise $COATI_WATCHDOG_S if nodes are still starting")
         logging.getLogger(__name__).warning("placement: %s still waits for %s after %.0f s; cluster has %s", what,
                                             bundles, waited, ray.available_resources())
     return pg

@@ -53,3 +53,18 @@ def test_a_rank_stuck_in_a_collective_becomes_an_error_that_names_it(ray_cluster
         for w in group.workers:
             ray.kill(w, no_restart=True)
         ray.util.remove_placement_group(group.pg)
+
+
+def test_a_placement_ray_cannot_reserve_becomes_an_error_that_names_it(ray_cluster, monkeypatch):
+    """A trainer group's placement group waits for resources (an autoscaler may add a node), but
+    not forever: past the watchdog it is a StuckError naming the bundles and what is free."""
+    import pytest
+
+    from coati_ray.cluster.placement import reserve_packed
+    from coati_ray.runtime import StuckError
+
+    monkeypatch.setenv("COATI_WATCHDOG_S", "2")
+    with pytest.raises(StuckError) as e:
+        reserve_packed([{"CPU": 1000.0}], "test group", log_every_s=1.0)
+    assert str(e.value).startswith("placement: test group waited 2 s for [{'CPU': 1000.0}]"), str(e.value)
+    assert "the cluster has {" in str(e.value)
