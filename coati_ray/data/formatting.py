@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from coati_ray.data.conversations import ChatError, Message, as_messages, render_for_training
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -26,20 +28,29 @@ def instruction_prompt(instruction: str, inp: str) -> str:
     return f"{instruction}\n\n{inp}" if inp.strip() else instruction
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[Message]) -> str:
     """The text a model sees before it answers `prompt` (ends where the response starts)."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return (tokenizer.bos_token or "") + ALPACA_PROMPT.format(prompt=prompt)
+        return tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+    return (tokenizer.bos_token or "") + ALPACA_PROMPT.format(prompt=_single_turn(prompt))
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[str, str]:
+def _single_turn(prompt: str | list[Message]) -> str:
+    """The Alpaca fallback (no chat template) has one user turn and no system prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) != 1:
+        raise ChatError(f"a conversation of {len(prompt)} turns before the answer needs a tokenizer with a chat "
+                        "template (this one has none; set tokenizer.chat_template or pass single-turn rows)")
+    return prompt[0]["content"]
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: str | list[Message], response: str) -> tuple[str, str]:
     """(prompt text, full text) with full = prompt text + response + end of turn."""
     head = render_prompt(tokenizer, prompt)
     if tokenizer.chat_template:
         full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
+            as_messages(prompt) + [{"role": "assistant", "content": response}], tokenize=False)
         if not full.startswith(head):
             # Some templates re-render earlier turns (e.g. strip thinking blocks); then we cannot
             # mask by prefix, so use the plain concatenation that the generation prompt implies.
@@ -55,16 +66,45 @@ class TokenizedSFT:
     labels: list[int]  # IGNORE_INDEX on prompt tokens and padding
 
 
-def tokenize_sft(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_len: int) -> TokenizedSFT | None:
+def tokenize_sft(tokenizer: PreTrainedTokenizerBase, prompt: str | list[Message], response: str,
+                 max_len: int) -> TokenizedSFT | None:
     """Token ids with labels only on the response; None when truncation leaves no response token."""
     head, full = render_chat(tokenizer, prompt, response)
-    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    n_prompt = len(head_ids)
-    if ids[:n_prompt] != head_ids:  # BPE merged across the boundary; find the longest common prefix
-        n_prompt = next((i for i, (a, b) in enumerate(zip(ids, head_ids)) if a != b), min(len(ids), n_prompt))
-    ids = ids[:max_len]
-    labels = [IGNORE_INDEX] * min(n_prompt, len(ids)) + ids[n_prompt:]
+    return tokenize_spans(tokenizer, full, [(len(head), len(full))], max_len)
+
+
+def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_len: int,
+                          train_on: str = "all") -> tuple[TokenizedSFT | None, bool]:
+    """(ids with labels on the assistant turns, whether the template forced the last-turn fallback)."""
+    if not tokenizer.chat_template:
+        head = render_prompt(tokenizer, messages[:-1])  # one user turn, or ChatError
+        full = head + messages[-1]["content"] + (tokenizer.eos_token or "")
+        return tokenize_spans(tokenizer, full, [(len(head), len(full))], max_len), False
+    r = render_for_training(tokenizer, messages, train_on)
+    return tokenize_spans(tokenizer, r.text, r.spans, max_len), r.fallback
+
+
+def tokenize_spans(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]],
+                   max_len: int) -> TokenizedSFT | None:
+    """Ids of `text`, labels on the tokens inside the character `spans`; None when truncation leaves none.
+
+    A span boundary at character c falls after the tokens of `text[:c]` (the longest common prefix of
+    the two token lists when BPE merges across the boundary)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def boundary(c: int) -> int:
+        if c >= len(text):
+            return len(ids)
+        pre = tokenizer(text[:c], add_special_tokens=False)["input_ids"]
+        if ids[:len(pre)] == pre:
+            return len(pre)
+        return next((i for i, (a, b) in enumerate(zip(ids, pre)) if a != b), min(len(ids), len(pre)))
+
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in spans:
+        s, e = boundary(a), boundary(b)
+        labels[s:e] = ids[s:e]
+    ids, labels = ids[:max_len], labels[:max_len]
     if all(x == IGNORE_INDEX for x in labels):
         return None
     return TokenizedSFT(ids, labels)
@@ -97,7 +137,7 @@ class TokenizedPair:
     rejected: list[int]
 
 
-def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, chosen: str, rejected: str,
+def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str | list[Message], chosen: str, rejected: str,
                   max_len: int) -> TokenizedPair:
     _, c = render_chat(tokenizer, prompt, chosen)
     _, r = render_chat(tokenizer, prompt, rejected)

@@ -27,12 +27,14 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 
+from coati_ray.data import conversations as chat
 from coati_ray.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -53,24 +55,45 @@ class LoadedData:
         return len(self.dataset)
 
 
+Kind = Literal["text", "prompt", "response", "chat", "label", "raw"]
+
+
 @dataclass(frozen=True)
 class Column:
-    """A canonical field, the column it is read from, and whether an empty value is allowed."""
+    """A canonical field, the column it is read from, and whether an empty value is allowed.
+
+    `kind`: text; prompt (text, or messages ending with a user turn); response (text, or one assistant
+    message); chat (a conversation with assistant turns, see `conversations`); label (a boolean: JSON
+    true/false, or the text true/false in CSV); raw (any value, for a variant's `finish`)."""
 
     name: str
     source: str
     required: bool = True  # the column must exist
     allow_empty: bool = False
+    kind: Kind = "text"
+    fallbacks: tuple[str, ...] = ()  # columns read when `source` is absent (e.g. ShareGPT's `conversations`)
+
+    def find(self, row: dict) -> str | None:
+        return next((s for s in (self.source, *self.fallbacks) if s in row), None)
 
 
-def load_rows(path: str | Path, columns: list[Column], skip_bad_rows: bool = False,
+@dataclass
+class Variant:
+    """One layout of a row; a schema of several is tried in order by whether a row has the first column
+    (the last variant is the default, so its missing-field errors are the ones reported)."""
+
+    columns: list[Column]
+    finish: Callable[[dict], dict] | None = None  # canonical row from the columns; raises ChatError
+
+
+def load_rows(path: str | Path, columns: list[Column] | list[Variant], skip_bad_rows: bool = False,
               max_samples: int | None = None) -> LoadedData:
     path = Path(path)
     if not path.exists():
         raise DataError(str(path), "no such file or directory")
+    variants = columns if columns and isinstance(columns[0], Variant) else [Variant(columns)]
     raw = _read(path)  # list of (line or None, row) ; raises DataError with line on parse errors
     rows, skipped, extra = [], [], []
-    sources = {c.source for c in columns}
     for i, (line, row) in enumerate(raw):
         if isinstance(row, DataError):
             if not skip_bad_rows:
@@ -78,8 +101,10 @@ def load_rows(path: str | Path, columns: list[Column], skip_bad_rows: bool = Fal
             skipped.append(str(row))
             continue
         try:
-            rows.append(_validate(path, i, line, row, columns))
-            extra.append({k: v for k, v in row.items() if k not in sources})
+            variant = _choose(variants, row)
+            rows.append(_validate(path, i, line, row, variant))
+            used = {s for c in variant.columns for s in (c.source, *c.fallbacks)}
+            extra.append({k: v for k, v in row.items() if k not in used})
         except DataError as e:
             if not skip_bad_rows:
                 raise
@@ -92,21 +117,54 @@ def load_rows(path: str | Path, columns: list[Column], skip_bad_rows: bool = Fal
         raise DataError(str(path), f"no usable rows: all {len(skipped)} rows were bad; first: {skipped[0]}")
     if skipped:
         logger.warning("%s: skipped %d bad rows (first: %s)", path, len(skipped), skipped[0])
-    return LoadedData(datasets.Dataset.from_list(rows), skipped, extra)
+    return LoadedData(datasets.Dataset.from_list(_uniform(rows, variants)), skipped, extra)
 
 
-def _validate(path: Path, i: int, line: int | None, row: Any, columns: list[Column]) -> dict:
+def _choose(variants: list[Variant], row: Any) -> Variant:
+    if isinstance(row, dict):
+        for v in variants[:-1]:
+            if v.columns[0].find(row) is not None:
+                return v
+    return variants[-1]
+
+
+def _uniform(rows: list[dict], variants: list[Variant]) -> list[dict]:
+    """Every row with the same columns and one type per column, as Arrow needs: a column a row's variant
+    lacks is empty ("" or []), and a prompt column holding both text and messages holds messages (text t
+    is the one user turn [{"role": "user", "content": t}], which renders to the same prompt)."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    lists = {k for k in names if any(isinstance(r.get(k), list) for r in rows)}
+    out = []
+    for r in rows:
+        u = {}
+        for k in names:
+            v = r.get(k, [] if k in lists else "")
+            if k in lists and isinstance(v, str):
+                v = chat.as_messages(v) if v else []
+            u[k] = v
+        out.append(u)
+    return out
+
+
+def _validate(path: Path, i: int, line: int | None, row: Any, variant: Variant) -> dict:
     if not isinstance(row, dict):
         raise DataError(str(path), f"expected an object with fields, got {type(row).__name__}", row=i, line=line)
-    out = {}
-    for col in columns:
-        if col.source not in row:
+    out: dict[str, Any] = {}
+    for col in variant.columns:
+        source = col.find(row)
+        if source is None:
             if not col.required:
                 out[col.name] = ""
                 continue
             raise DataError(str(path), f"missing field (needed as '{col.name}'; present: {sorted(row)}); "
                             f"use --{col.name}_key to map another column", row=i, field=col.source, line=line)
-        value = row[col.source]
+        value = row[source]
+        if col.kind != "text" and (isinstance(value, (list, dict)) or col.kind in ("label", "raw")):
+            out[col.name] = _structured(path, i, line, source, col, value)
+            continue
+        if col.kind == "chat":
+            raise DataError(str(path), f"expected a list of messages, got {type(value).__name__}", row=i,
+                            field=source, line=line)
         if value is None or (isinstance(value, float) and value != value):  # a missing value (null / NaN)
             value = ""
         if isinstance(value, (bool, int, float)):  # never str() it: 1e3 -> "1000.0" is not what the file says
@@ -124,7 +182,34 @@ def _validate(path: Path, i: int, line: int | None, row: Any, columns: list[Colu
             raise DataError(str(path), "expected non-empty text, got an empty value", row=i, field=col.source,
                             line=line)
         out[col.name] = value
+    if variant.finish is not None:
+        try:
+            out = variant.finish(out)
+        except chat.ChatError as e:
+            raise DataError(str(path), str(e), row=i, line=line) from None
     return out
+
+
+def _structured(path: Path, i: int, line: int | None, source: str, col: Column, value: Any) -> Any:
+    """A value of a non-text kind, read exactly (a ChatError names the turn)."""
+    if col.kind == "raw":
+        return value
+    if col.kind == "label":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise DataError(str(path), f"expected a boolean (true or false), got {type(value).__name__} {value!r}",
+                        row=i, field=source, line=line)
+    try:
+        if col.kind == "prompt":
+            return chat.read_prompt(value)
+        if col.kind == "response":
+            return chat.read_response(value)
+        return chat.read_messages(value, need_assistant=True)
+    except chat.ChatError as e:
+        field = source if e.turn is None else f"{source}[{e.turn}]"
+        raise DataError(str(path), e.message, row=i, field=field, line=line) from None
 
 
 def _read(path: Path) -> list[tuple[int | None, Any]]:
@@ -256,12 +341,49 @@ def sft_columns(keys: dict[str, str]) -> list[Column]:
             Column("output", keys.get("output", "output"))]
 
 
+def chat_columns(keys: dict[str, str]) -> list[Column]:
+    """A conversation per row: OpenAI `messages`, else ShareGPT `conversations` (--messages_key maps another)."""
+    key = keys.get("messages", "messages")
+    return [Column("messages", key, kind="chat", fallbacks=("conversations",) if key == "messages" else ())]
+
+
+def sft_schema(keys: dict[str, str]) -> list[Variant]:
+    """SFT rows: a conversation (messages / conversations), else instruction / input / output."""
+    return [Variant(chat_columns(keys)), Variant(sft_columns(keys))]
+
+
+def _prompt_column(keys: dict[str, str]) -> Column:
+    key = keys.get("prompt", "prompt")  # ColossalChat's preference data calls the prompt `context`
+    return Column("prompt", key, kind="prompt", fallbacks=("context",) if key == "prompt" else ())
+
+
 def pair_columns(keys: dict[str, str]) -> list[Column]:
-    return [Column(n, keys.get(n, n)) for n in ("prompt", "chosen", "rejected")]
+    return [_prompt_column(keys)] + [Column(n, keys.get(n, n), kind="response") for n in ("chosen", "rejected")]
+
+
+def _implicit_prompt(row: dict) -> dict:
+    if not isinstance(row["chosen"], list):
+        raise chat.ChatError("missing field 'prompt' (use --prompt_key to map another column), or give chosen and "
+                             "rejected as whole conversations that share every turn but the last")
+    prompt, c, r = chat.split_implicit_prompt(row["chosen"], row["rejected"])
+    return {"prompt": prompt, "chosen": c, "rejected": r}
+
+
+def pair_schema(keys: dict[str, str]) -> list[Variant]:
+    """Pairs: prompt + chosen + rejected (text or messages), else chosen / rejected as whole conversations
+    with the prompt implicit in their shared turns (TRL's implicit-prompt format)."""
+    implicit = [Column(n, keys.get(n, n), kind="raw") for n in ("chosen", "rejected")]
+    return [Variant(pair_columns(keys)), Variant(implicit, _implicit_prompt)]
+
+
+def unpaired_columns(keys: dict[str, str]) -> list[Column]:
+    """KTO rows: a prompt, one completion and whether it is desirable."""
+    return [_prompt_column(keys), Column("completion", keys.get("completion", "completion"), kind="response"),
+            Column("label", keys.get("label", "label"), kind="label")]
 
 
 def prompt_columns(keys: dict[str, str]) -> list[Column]:
-    return [Column("prompt", keys.get("prompt", "prompt"))]
+    return [_prompt_column(keys)]
 
 
 def text_columns(keys: dict[str, str]) -> list[Column]:

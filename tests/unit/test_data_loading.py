@@ -48,7 +48,8 @@ def test_column_mapping(tmp_path):
 def test_each_stage_data_args_map_only_their_own_columns(tmp_path):
     from coati_ray.config import PairDataArgs, PromptDataArgs, SFTDataArgs
 
-    assert SFTDataArgs(instruction_key="q").keys() == {"instruction": "q", "input": "input", "output": "output"}
+    assert SFTDataArgs(instruction_key="q").keys() == {"instruction": "q", "input": "input", "output": "output",
+                                                       "messages": "messages"}
     assert PairDataArgs(chosen_key="good").keys() == {"prompt": "prompt", "chosen": "good", "rejected": "rejected"}
     assert PromptDataArgs().keys() == {"prompt": "prompt"}  # PPO builds it with no arguments
     assert (PromptDataArgs().max_len, PromptDataArgs().skip_bad_rows) == (512, False)
