@@ -89,8 +89,14 @@ class FileDataArgs(BaseDataArgs):
 
 @dataclass
 class SFTDataArgs(FileDataArgs):
-    """Stage 1: instruction / input / response rows; the prompt is the instruction followed by the
-    input when a row has one, the loss covers the response."""
+    """Stage 1: instruction / input / response rows (the prompt is the instruction followed by the
+    input when a row has one, the loss covers the response), or conversations (the loss covers the
+    assistant turns; see `coati_ray.data.conversations`)."""
+
+    messages_key: str = _help("Column holding a conversation (OpenAI role/content or ShareGPT from/value turns); "
+                              "'messages' also finds ShareGPT's 'conversations'.", default="messages")
+    train_on: Literal["all", "last"] = _help("Which assistant turns of a conversation the loss covers: all of "
+                                             "them, or the last only (system and user text never).", default="all")
 
     instruction_key: str = _help("Column holding the instruction.", default="instruction")
     input_key: str = _help("Column holding the optional input.", default="input")
@@ -104,6 +110,44 @@ class PairDataArgs(FileDataArgs):
     prompt_key: str = _help("Column holding the prompt.", default="prompt")
     chosen_key: str = _help("Column holding the preferred response.", default="chosen")
     rejected_key: str = _help("Column holding the worse response.", default="rejected")
+
+
+@dataclass
+class PreferenceDataArgs(PairDataArgs):
+    """Offline preference optimization: pairs as for the reward model; KTO reads unpaired rows."""
+
+    completion_key: str = _help("KTO: column holding the completion.", default="completion")
+    label_key: str = _help("KTO: column saying whether the completion is desirable (true / false).",
+                           default="label")
+
+
+@dataclass
+class PreferenceArgs:
+    """The preference loss and its coefficients (`coati_ray.algos.preference` has the formulas)."""
+
+    loss: Literal["dpo", "ipo", "simpo", "orpo", "kto"] = _help(
+        "dpo, ipo, kto (against the frozen starting model's log-probs), simpo, orpo (reference-free).", default="dpo")
+    beta: float | None = _help("DPO / IPO / KTO / SimPO beta; default 0.1 (SimPO 2.0, its paper's value).",
+                               default=None)
+    label_smoothing: float = _help("DPO: the assumed share of flipped labels (conservative DPO), in [0, 0.5).",
+                                   default=0.0)
+    gamma: float = _help("SimPO: the target reward margin gamma.", default=1.0)
+    orpo_lambda: float = field(default=0.1, metadata={"help": "ORPO: weight lambda of the odds-ratio term.",
+                                                      "aliases": ["--lambda"]})
+    desirable_weight: float = _help("KTO: weight lambda_D of desirable rows.", default=1.0)
+    undesirable_weight: float = _help("KTO: weight lambda_U of undesirable rows.", default=1.0)
+
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else (2.0 if self.loss == "simpo" else 0.1)
+
+    def validate(self) -> None:
+        _positive_or_none(self, "beta")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "dpo":
+            raise ConfigError("label_smoothing", f"applies to --loss dpo only, got --loss {self.loss}")
+        for name in ("orpo_lambda", "desirable_weight", "undesirable_weight", "gamma"):
+            _at_least(self, 0, name)
 
 
 @dataclass

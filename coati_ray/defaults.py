@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 DEMO_SEED = 42
 # Bump when the demo generator, tokenizer training or presets change: assets are rebuilt under a
 # new directory instead of silently mixing old data with a new tokenizer.
-ASSETS_VERSION = 2
+ASSETS_VERSION = 3
 
 
 def cache_dir() -> Path:

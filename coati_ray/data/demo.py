@@ -27,6 +27,13 @@ Files written by `write_demo_data(dir)` (the seed's formats):
 | prompts_train.jsonl| PPO   | JSONL  | prompt, answer                   |
 | prompts_eval.jsonl | PPO   | JSONL  | prompt, answer (held out)        |
 | pretrain.jsonl     | PTX   | JSONL  | text                             |
+
+Besides the seed's single-turn rows, a share of each stage's training file is conversational
+(`CHAT_FRACTION`, drawn from its own random stream so the single-turn rows stay what they were):
+SFT dialogues of two or three problems, in OpenAI `messages` and ShareGPT `conversations` form, half
+with a system prompt; preference pairs whose prompt is such a dialogue (with `prompt` as messages, or
+TRL's implicit-prompt form of two whole conversations); PPO prompts as [system, user] messages. The
+graded prompt is always the last user turn.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ ZH_SOLVE_INSTRUCTION = "解答下面的应用题。"
 EN_SOLVE_INSTRUCTION = "Solve the following word problem."
 TERSE_FRACTION = 0.5  # SFT demonstrations that stop at the equation (see the module docstring)
 TERSE_PAIR_FRACTION = 0.3  # preference pairs whose rejected answer is the terse one
+CHAT_FRACTION = 0.1  # rows appended to each training file as conversations (see the module docstring)
+SYSTEM_PROMPTS = {"en": "You are a helpful math tutor.", "zh": "你是一位耐心的数学老师。"}
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
@@ -204,6 +213,50 @@ def pretrain_text(rng: random.Random) -> str:
     return p.text + " " + solution(p) if rng.random() < 0.5 else f"{p.a} {p.op} {p.b} = {p.answer}"
 
 
+def dialogue(rng: random.Random, turns: int, system: bool) -> list[dict]:
+    """[system?] user / assistant turns, one problem per user turn, all in one language."""
+    first = make_problem(rng)
+    msgs = [{"role": "system", "content": SYSTEM_PROMPTS[first.lang]}] if system else []
+    p = first
+    for k in range(turns):
+        while k and p.lang != first.lang:
+            p = make_problem(rng)
+        msgs += [{"role": "user", "content": p.text}, {"role": "assistant", "content": demonstration(p, rng)}]
+        p = make_problem(rng)
+    return msgs
+
+
+def as_sharegpt(msgs: list[dict]) -> list[dict]:
+    return [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]}
+            for m in msgs]
+
+
+def chat_sft_rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        msgs = dialogue(rng, rng.choice([2, 3]), system=rng.random() < 0.5)
+        rows.append({"messages": msgs} if i % 2 == 0 else {"conversations": as_sharegpt(msgs)})
+    return rows
+
+
+def chat_pair_rows(rng: random.Random, n: int) -> list[dict]:
+    """Pairs on the last problem of a dialogue; every other row in TRL's implicit-prompt form."""
+    rows = []
+    for i in range(n):
+        context = dialogue(rng, 1, system=rng.random() < 0.5)
+        p = make_problem(rng)
+        while p.lang != solve(context[-2]["content"]).lang:
+            p = make_problem(rng)
+        prompt = context + [{"role": "user", "content": p.text}]
+        chosen, rejected = solution(p), rejected_response(p, rng)
+        if i % 2 == 0:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        else:
+            rows.append({"chosen": prompt + [{"role": "assistant", "content": chosen}],
+                         "rejected": prompt + [{"role": "assistant", "content": rejected}]})
+    return rows
+
+
 def write_demo_data(out_dir: str | Path, seed: int = 42, n_sft: int = 4000, n_pairs: int = 3000,
                     n_prompts: int = 1000, n_eval: int = 200, n_pretrain: int = 2000) -> Path:
     """Write every demo file into `out_dir` (created). Deterministic in `seed`."""
@@ -229,13 +282,19 @@ def write_demo_data(out_dir: str | Path, seed: int = 42, n_sft: int = 4000, n_pa
     def prompt_rows(n: int) -> list[dict]:
         return [{"prompt": (p := make_problem(rng)).text, "answer": p.answer} for _ in range(n)]
 
-    with open(out / "sft_train.json", "w", encoding="utf-8") as f:
-        json.dump(sft_rows(n_sft), f, ensure_ascii=False, indent=1)
-    _write_jsonl(out / "sft_eval.jsonl", sft_rows(n_eval))
-    _write_jsonl(out / "rm_train.jsonl", pair_rows(n_pairs))
-    _write_jsonl(out / "rm_eval.jsonl", pair_rows(n_eval))
+    chat_rng = random.Random(seed * 7919 + 1)  # the conversations' own stream
+    sft_train, sft_eval = sft_rows(n_sft), sft_rows(n_eval)
+    pairs_train, pairs_eval = pair_rows(n_pairs), pair_rows(n_eval)
     prompts = prompt_rows(n_prompts)
-    _write_jsonl(out / "prompts_train.jsonl", prompts)
+    with open(out / "sft_train.json", "w", encoding="utf-8") as f:
+        json.dump(sft_train + chat_sft_rows(chat_rng, int(n_sft * CHAT_FRACTION)), f, ensure_ascii=False, indent=1)
+    _write_jsonl(out / "sft_eval.jsonl", sft_eval)
+    _write_jsonl(out / "rm_train.jsonl", pairs_train + chat_pair_rows(chat_rng, int(n_pairs * CHAT_FRACTION)))
+    _write_jsonl(out / "rm_eval.jsonl", pairs_eval)
+    chat_prompts = [{"prompt": [{"role": "system", "content": SYSTEM_PROMPTS[p.lang]},
+                                {"role": "user", "content": p.text}], "answer": p.answer}
+                    for p in (make_problem(chat_rng) for _ in range(int(n_prompts * CHAT_FRACTION)))]
+    _write_jsonl(out / "prompts_train.jsonl", prompts + chat_prompts)
     with open(out / "prompts_train.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["prompt"])
@@ -255,9 +314,13 @@ def corpus(out_dir: str | Path) -> list[str]:
     """All text of the demo files, for training the tokenizer."""
     texts: list[str] = []
     out = Path(out_dir)
+    # the single-turn rows only: the conversations repeat their texts, and the tokenizer stays what it was
     for r in json.loads((out / "sft_train.json").read_text(encoding="utf-8")):
-        texts += [r["instruction"], r["input"], r["output"]]
+        if "instruction" in r:
+            texts += [r["instruction"], r["input"], r["output"]]
     for name in ["rm_train.jsonl", "pretrain.jsonl"]:
         for line in (out / name).read_text(encoding="utf-8").splitlines():
-            texts += [v for v in json.loads(line).values() if isinstance(v, str)]
+            values = list(json.loads(line).values())
+            if all(isinstance(v, str) for v in values):
+                texts += values
     return [t for t in texts if t]

@@ -211,10 +211,15 @@ class GeneratorWorker:
     def _reward_batch(self, exp: Experience, out, sample_ids: list[int], rows: list[int]) -> RewardBatch:
         """The text side of a rollout for reward functions and servers: prompts as the dataset has
         them, decoded responses, and the rows' other columns (a key missing in some rows is None)."""
+        from coati_ray.data.conversations import last_user_text
+
         keys = sorted({k for r in set(rows) for k in self.columns[r]})
-        return RewardBatch([self.prompts[r] for r in rows],
+        columns = {k: [self.columns[r].get(k) for r in rows] for k in keys}
+        if any(isinstance(self.prompts[r], list) for r in rows):  # a conversation: its last user turn is graded
+            columns["messages"] = [self.prompts[r] for r in rows]
+        return RewardBatch([last_user_text(self.prompts[r]) for r in rows],
                            [self.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in out],
-                           {k: [self.columns[r].get(k) for r in rows] for k in keys}, list(sample_ids))
+                           columns, list(sample_ids))
 
     def rollouts_done(self) -> int:
         return self.rollouts

@@ -21,7 +21,8 @@ from torch import nn
 from coati_ray.algos.rm_loss import RM_LOSSES
 from coati_ray.config import FileDataArgs, ModelArgs, RMArgs
 from coati_ray.data import formatting as fmt
-from coati_ray.data.loading import load_rows, pair_columns, sft_columns
+from coati_ray.data.conversations import ChatError
+from coati_ray.data.loading import load_rows, pair_schema, sft_schema
 from coati_ray.errors import DataError
 from coati_ray.models.heads import sequence_reward
 from coati_ray.models.loading import load_causal_lm, load_tokenizer, load_value_model
@@ -57,6 +58,11 @@ class Task:
 
     # --- to implement -------------------------------------------------------------------------
     def build_model(self) -> nn.Module: ...
+    def before_training(self, model: nn.Module, worker) -> float:
+        """Work on the untrained model before the strategy wraps it (e.g. reference log-probs) on the
+        trainer rank `worker`; returns the seconds it took."""
+        return 0.0
+
     def columns(self): ...
     def tokenize(self, row: dict) -> Any: ...
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]: ...
@@ -87,8 +93,12 @@ class Task:
 
     def _tokenize_all(self, rows: list[dict]) -> tuple[list[Any], int]:
         items, dropped = [], 0
+        self.fallbacks = 0
         for r in rows:
-            item = self.tokenize(r)
+            try:
+                item = self.tokenize(r)
+            except ChatError as e:  # rendering (e.g. a multi-turn row and a tokenizer without a chat template)
+                raise DataError(self.train_file, str(e)) from None
             if item is None:
                 dropped += 1
             else:
@@ -96,6 +106,10 @@ class Task:
         if dropped:
             logger.warning("%d samples had no response token left after truncation to %d tokens and were dropped",
                            dropped, self.data_args.max_len)
+        if self.fallbacks:
+            logger.warning("%d of %d conversations are trained on their last assistant turn only: the chat template "
+                           "renders earlier turns differently once later ones follow (e.g. it drops earlier thinking), "
+                           "so their masks could not be found by prefix", self.fallbacks, len(rows))
         return items, dropped
 
     def _maybe_lora(self, model: nn.Module, kind: str) -> nn.Module:
@@ -114,9 +128,14 @@ class SFTTask(Task):
         return self._maybe_lora(model, "causal_lm")
 
     def columns(self):
-        return sft_columns(self.data_args.keys())
+        return sft_schema(self.data_args.keys())
 
     def tokenize(self, row: dict):
+        if row.get("messages"):
+            item, fallback = fmt.tokenize_conversation(self.tokenizer, row["messages"], self.data_args.max_len,
+                                                       self.data_args.train_on)
+            self.fallbacks += fallback
+            return item
         prompt = fmt.instruction_prompt(row["instruction"], row["input"])
         return fmt.tokenize_sft(self.tokenizer, prompt, row["output"], self.data_args.max_len)
 
@@ -159,7 +178,7 @@ class RMTask(Task):
         return self._maybe_lora(model, "value")
 
     def columns(self):
-        return pair_columns(self.data_args.keys())
+        return pair_schema(self.data_args.keys())
 
     def tokenize(self, row: dict):
         return fmt.tokenize_pair(self.tokenizer, row["prompt"], row["chosen"], row["rejected"], self.data_args.max_len)

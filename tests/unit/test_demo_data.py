@@ -24,7 +24,7 @@ def test_files_have_the_seeds_columns_and_both_languages(demo_dir):
     pairs = [json.loads(l) for l in (demo_dir / "rm_train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert set(pairs[0]) == {"prompt", "chosen", "rejected"}
     assert (demo_dir / "prompts_train.csv").read_text(encoding="utf-8").splitlines()[0] == "prompt"
-    langs = {demo.solve(r["prompt"]).lang for r in pairs}
+    langs = {demo.solve(r["prompt"]).lang for r in pairs if isinstance(r.get("prompt"), str)}
     assert langs == {"en", "zh"}
     assert any(r["input"] for r in sft) and any(not r["input"] for r in sft)
 
@@ -71,10 +71,11 @@ def test_equation_score_checks_the_sum_whatever_the_answer_style():
 
 def test_demonstrations_mix_both_styles_and_pairs_prefer_the_stated_answer(demo_dir):
     """What leaves PPO something to do: SFT sees both styles; the pairs rank the graded one higher."""
-    sft = json.loads((demo_dir / "sft_train.json").read_text(encoding="utf-8"))
+    sft = [r for r in json.loads((demo_dir / "sft_train.json").read_text(encoding="utf-8")) if "output" in r]
     stated = [demo.extract_answer(r["output"]) is not None for r in sft]
     assert 0.4 < sum(stated) / len(stated) < 0.6  # TERSE_FRACTION = 0.5 of 4000 rows
     pairs = [json.loads(l) for l in (demo_dir / "rm_train.jsonl").read_text(encoding="utf-8").splitlines()]
+    pairs = [r for r in pairs if isinstance(r.get("prompt"), str)]  # the single-turn ones
     terse_rejected = [r for r in pairs if demo.extract_answer(r["rejected"]) is None]
     assert 0.2 < len(terse_rejected) / len(pairs) < 0.4  # TERSE_PAIR_FRACTION = 0.3
     for r in pairs:
@@ -82,3 +83,30 @@ def test_demonstrations_mix_both_styles_and_pairs_prefer_the_stated_answer(demo_
         assert demo.gold_score(r["prompt"], r["rejected"]) == 0.0
     for r in terse_rejected:
         assert demo.equation_score(r["prompt"], r["rejected"]) == 1.0  # right sum, no stated answer
+
+
+def test_a_share_of_every_training_file_is_conversational_and_graded_on_its_last_user_turn(demo_dir):
+    from coati_ray.data.conversations import last_user_text, read_messages, read_prompt, split_implicit_prompt
+
+    sft = json.loads((demo_dir / "sft_train.json").read_text(encoding="utf-8"))
+    chats = [r.get("messages") or r.get("conversations") for r in sft if "output" not in r]
+    assert len(chats) == 400 and sum("conversations" in r for r in sft) == 200  # OpenAI and ShareGPT forms
+    dialogues = [read_messages(c, need_assistant=True) for c in chats]  # each one reads exactly
+    assert {len([m for m in d if m["role"] == "assistant"]) for d in dialogues} == {2, 3}
+    assert 0.3 < sum(d[0]["role"] == "system" for d in dialogues) / len(dialogues) < 0.7
+    langs = {demo.solve(m["content"]).lang for d in dialogues for m in d if m["role"] == "user"}
+    assert langs == {"en", "zh"}
+    for d in dialogues:  # one language per dialogue
+        assert len({demo.solve(m["content"]).lang for m in d if m["role"] == "user"}) == 1
+    pairs = [json.loads(l) for l in (demo_dir / "rm_train.jsonl").read_text(encoding="utf-8").splitlines()]
+    conv = [r for r in pairs if not isinstance(r.get("prompt"), str)]
+    assert len(conv) == 300 and sum("prompt" not in r for r in conv) == 150  # half in the implicit-prompt form
+    for r in conv:
+        prompt, chosen, rejected = (split_implicit_prompt(r["chosen"], r["rejected"]) if "prompt" not in r
+                                    else (read_prompt(r["prompt"]), r["chosen"], r["rejected"]))
+        assert demo.gold_score(last_user_text(prompt), chosen) == 1.0
+        assert demo.gold_score(last_user_text(prompt), rejected) == 0.0
+    prompts = [json.loads(l) for l in (demo_dir / "prompts_train.jsonl").read_text(encoding="utf-8").splitlines()]
+    conv_prompts = [r for r in prompts if isinstance(r["prompt"], list)]
+    assert len(conv_prompts) == 100
+    assert all(demo.solve(last_user_text(read_prompt(r["prompt"]))).answer == r["answer"] for r in conv_prompts)
