@@ -28,6 +28,7 @@ from coati_ray.config import ClusterArgs, _at_least, _help, _positive_or_none
 from coati_ray.pipelines.demo_models import DemoRecipeArgs, train_stage12
 
 logger = logging.getLogger(__name__)
+DPO_LR = 1e-4
 
 
 @dataclass
@@ -44,19 +45,22 @@ class DemoArgs(DemoRecipeArgs):
     eval_prompts: int = _help("Held-out prompts the SFT and PPO policies are gold-scored on.", default=200)
     address: str | None = _help("Ray cluster to join (e.g. 'auto'); default: an embedded local Ray.",
                                    default=None)
-    recipe: Literal["rlhf", "rlvr", "dapo"] = _help(
+    recipe: Literal["rlhf", "rlvr", "dapo", "dpo"] = _help(
         "rlhf: SFT -> reward model -> PPO against it (ColossalChat's three stages). rlvr: SFT -> GRPO with a "
         "verifiable reward (--reward_fn, default the demo's gold verifier), no reward model, no critic. dapo: "
-        "rlvr with DAPO's settings (clip-higher 0.2 / 0.28, dynamic sampling, token-mean loss, no KL).",
-        default="rlhf")
+        "rlvr with DAPO's settings (clip-higher 0.2 / 0.28, dynamic sampling, token-mean loss, no KL). dpo: SFT -> "
+        "DPO on the preference pairs, no reward model, no sampling.", default="rlhf")
+    dpo_lr: float = _help("dpo: peak learning rate.", default=DPO_LR)
+    dpo_epochs: int = _help("dpo: passes over the preference pairs.", default=1)
+    dpo_beta: float = _help("dpo: beta.", default=0.1)
     reward_fn: str | None = _help("rlvr / dapo: the reward (a built-in verifier or 'path/to/file.py:name'); "
                                   "default: demo.", default=None)
 
     def validate(self) -> None:
         DemoRecipeArgs.validate(self)
-        for name in ("trainers", "actors", "ppo_steps", "eval_prompts"):
+        for name in ("trainers", "actors", "ppo_steps", "eval_prompts", "dpo_epochs"):
             _at_least(self, 1, name)
-        for name in ("ppo_lr", "critic_lr"):
+        for name in ("ppo_lr", "critic_lr", "dpo_lr", "dpo_beta"):
             _positive_or_none(self, name)
 
 
@@ -68,8 +72,6 @@ def held_out_prompts(n: int) -> list[str]:
 
 
 def run_demo(a: DemoArgs) -> dict:
-    from coati_ray.evaluation.gold import evaluate_gold
-    from coati_ray.models.loading import load_causal_lm, load_tokenizer
     from coati_ray.pipelines.ppo import run_ppo
     from coati_ray.ppo_config import PPOConfig
 
@@ -79,6 +81,8 @@ def run_demo(a: DemoArgs) -> dict:
     cluster = ClusterArgs(trainers=a.trainers, address=a.address)
     st = train_stage12(a, out, cluster, reward_model=a.recipe == "rlhf")
     t1 = time.perf_counter()
+    if a.recipe == "dpo":
+        return _finish_dpo(a, out, cluster, st, t0, t1)
     common = dict(pretrain=str(out / "sft"), strategy=a.strategy, max_steps=a.ppo_steps, lr=a.ppo_lr,
                   train_batch_size=16 // a.trainers or 1, max_new_tokens=32, seed=a.seed, save_path=str(out / "ppo"),
                   log_interval=5, actors=a.actors, trainers=a.trainers, address=a.address, overwrite=True)
@@ -91,14 +95,10 @@ def run_demo(a: DemoArgs) -> dict:
                            n_samples_per_prompt=4, **dapo, **common)
     ppo = run_ppo(cfg)
     t_ppo = time.perf_counter() - t1
-    prompts = held_out_prompts(a.eval_prompts)
-    tok = load_tokenizer(str(out / "sft"))
-    gold = {name: evaluate_gold(load_causal_lm(str(out / name)), tok, prompts) for name in ("sft", "ppo")}
+    gold = _gold(a, out, "ppo")
     h = ppo.history
     summary = {
-        "sft": {"first_train_loss": st["sft"].history[0]["train/loss"], "eval_loss": st["sft"].final_eval["eval/loss"],
-                "seconds": round(st["t_sft"], 1),
-                "path": str(out / "sft")},
+        "sft": _sft_summary(st, out),
         "recipe": a.recipe, "reward": "rm" if a.recipe == "rlhf" else a.reward_fn or "demo",
         "rm": None if st["rm"] is None else {
             "eval_accuracy": st["rm"].final_eval["eval/accuracy"], "eval_margin": st["rm"].final_eval["eval/margin"],
@@ -106,12 +106,49 @@ def run_demo(a: DemoArgs) -> dict:
         "ppo": {"steps": len(h), "reward_first5": sum(m["reward/mean"] for m in h[:5]) / max(len(h[:5]), 1),
                 "reward_last5": sum(m["reward/mean"] for m in h[-5:]) / max(len(h[-5:]), 1),
                 "kl_last": h[-1]["kl/mean"] if h else None, "seconds": round(t_ppo, 1), "path": str(out / "ppo")},
-        "gold": {"sft": gold["sft"].score, "ppo": gold["ppo"].score, "prompts": gold["sft"].n,
-                 "arithmetic": {"sft": gold["sft"].arithmetic, "ppo": gold["ppo"].arithmetic},
-                 "examples": [{"prompt": p, "sft": r_sft, "sft_score": s_sft, "ppo": r_ppo, "ppo_score": s_ppo}
-                              for (p, r_sft, s_sft), (_, r_ppo, s_ppo) in zip(gold["sft"].examples,
-                                                                              gold["ppo"].examples)]},
+        "gold": _gold_summary(gold, "ppo"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1))
     return summary
+
+
+def _finish_dpo(a: DemoArgs, out: Path, cluster: ClusterArgs, st: dict, t0: float, t1: float) -> dict:
+    """Step 2 of the dpo recipe: DPO from the SFT policy on the demo pairs (its reference: the SFT policy)."""
+    from coati_ray.config import ModelArgs, PreferenceArgs, PreferenceDataArgs, TrainArgs
+    from coati_ray.pipelines.supervised import run_training
+
+    ta = TrainArgs(strategy=a.strategy, batch_size=a.batch_size, max_epochs=a.dpo_epochs, lr=a.dpo_lr, log_interval=50,
+                   save_path=str(out / "dpo"), seed=a.seed, overwrite=True)
+    dpo = run_training("dpo", ModelArgs(pretrain=str(out / "sft")), PreferenceDataArgs(), ta, cluster,
+                       pref=PreferenceArgs(loss="dpo", beta=a.dpo_beta))
+    t_dpo = time.perf_counter() - t1
+    ev = dpo.final_eval
+    summary = {"sft": _sft_summary(st, out), "recipe": "dpo", "reward": None, "rm": None,
+               "dpo": {"steps": len(dpo.history), "eval_accuracy": ev.get("eval/rewards/accuracy"),
+                       "eval_margin": ev.get("eval/rewards/margin"), "reference_seconds": dpo.setup.reference_seconds,
+                       "seconds": round(t_dpo, 1), "path": str(out / "dpo")},
+               "gold": _gold_summary(_gold(a, out, "dpo"), "dpo"), "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "demo_summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1))
+    return summary
+
+
+def _sft_summary(st: dict, out: Path) -> dict:
+    return {"first_train_loss": st["sft"].history[0]["train/loss"], "eval_loss": st["sft"].final_eval["eval/loss"],
+            "seconds": round(st["t_sft"], 1), "path": str(out / "sft")}
+
+
+def _gold(a: DemoArgs, out: Path, final: str) -> dict:
+    from coati_ray.evaluation.gold import evaluate_gold
+    from coati_ray.models.loading import load_causal_lm, load_tokenizer
+
+    prompts = held_out_prompts(a.eval_prompts)
+    tok = load_tokenizer(str(out / "sft"))
+    return {name: evaluate_gold(load_causal_lm(str(out / name)), tok, prompts) for name in ("sft", final)}
+
+
+def _gold_summary(gold: dict, final: str) -> dict:
+    s, f = gold["sft"], gold[final]
+    return {"sft": s.score, final: f.score, "prompts": s.n, "arithmetic": {"sft": s.arithmetic, final: f.arithmetic},
+            "examples": [{"prompt": p, "sft": r_s, "sft_score": x_s, final: r_f, f"{final}_score": x_f}
+                         for (p, r_s, x_s), (_, r_f, x_f) in zip(s.examples, f.examples)]}

@@ -24,6 +24,8 @@ from coati_ray.config import (
     FileDataArgs,
     ModelArgs,
     PairDataArgs,
+    PreferenceArgs,
+    PreferenceDataArgs,
     RMArgs,
     SFTDataArgs,
     TrainArgs,
@@ -37,8 +39,10 @@ from coati_ray.workers.trainer import SetupInfo, TrainJob
 
 logger = logging.getLogger(__name__)
 
-DEMO_FILES = {"sft": ("sft_train.json", "sft_eval.jsonl"), "rm": ("rm_train.jsonl", "rm_eval.jsonl")}
-DATA_ARGS: dict[str, type[FileDataArgs]] = {"sft": SFTDataArgs, "rm": PairDataArgs}  # what each stage reads
+DEMO_FILES = {"sft": ("sft_train.json", "sft_eval.jsonl"), "rm": ("rm_train.jsonl", "rm_eval.jsonl"),
+              "dpo": ("rm_train.jsonl", "rm_eval.jsonl")}
+DATA_ARGS: dict[str, type[FileDataArgs]] = {"sft": SFTDataArgs, "rm": PairDataArgs,  # what each stage reads
+                                            "dpo": PreferenceDataArgs}
 
 
 @dataclass
@@ -55,7 +59,8 @@ class TrainResult:
         return self.evals[-1] if self.evals else {}
 
 
-def make_job(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainArgs, rm: RMArgs | None) -> TrainJob:
+def make_job(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainArgs, rm: RMArgs | None,
+             pref: PreferenceArgs | None = None) -> TrainJob:
     if not isinstance(data, DATA_ARGS[stage]):  # the other stage's columns would be silently ignored
         raise TypeError(f"stage {stage!r} reads {DATA_ARGS[stage].__name__}, got {type(data).__name__}")
     model_path = resolve_model_path(model.pretrain, model.model, model.preset_size)
@@ -63,22 +68,29 @@ def make_job(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainArgs,
     check_family(load_config(model_path), model.model, model_path)
     if data.dataset:
         train_file, eval_file = data.dataset, data.eval_dataset
+    elif stage == "dpo" and pref is not None and pref.loss == "kto":
+        raise ConfigError("dataset", "--loss kto reads unpaired rows (prompt, completion, label); give them with "
+                          "--dataset (e.g. the chat page's feedback: scripts/export_feedback.py --kto FILE)")
     else:
         train_file, eval_file = demo_file(DEMO_FILES[stage][0]), data.eval_dataset or demo_file(DEMO_FILES[stage][1])
     for f in (train_file, eval_file):
         if f and not Path(f).exists():
             raise DataError(f, "no such file or directory")
-    return TrainJob(stage, model_path, train_file, eval_file, model, data, train, rm, is_preset=model.pretrain is None)
+    return TrainJob(stage, model_path, train_file, eval_file, model, data, train, rm, is_preset=model.pretrain is None,
+                    pref=pref)
 
 
 def run_training(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainArgs, cluster: ClusterArgs,
-                 rm: RMArgs | None = None, local: bool = False, progress: bool = True) -> TrainResult:
-    """Train stage `stage` ("sft" with `SFTDataArgs`, "rm" with `PairDataArgs`) and save the model to
-    `train.save_path`."""
-    validate_all(model, data, train, cluster)
+                 rm: RMArgs | None = None, local: bool = False, progress: bool = True,
+                 pref: PreferenceArgs | None = None) -> TrainResult:
+    """Train stage `stage` ("sft" with `SFTDataArgs`, "rm" with `PairDataArgs`, "dpo" with
+    `PreferenceDataArgs` and `pref`) and save the model to `train.save_path`."""
+    validate_all(model, data, train, cluster, *([pref] if pref is not None else []))
+    if stage == "dpo" and pref is None:
+        pref = PreferenceArgs()
     if local and cluster.trainers != 1:
         raise ConfigError("local", f"runs the single trainer in this process; got --trainers {cluster.trainers}")
-    job = make_job(stage, model, data, train, rm)
+    job = make_job(stage, model, data, train, rm, pref)
     cpus = cluster.trainer_cpus()
     if not local:
         init_ray(cluster.address, num_cpus=int(cluster.trainers * cpus), dashboard_host=cluster.dashboard_host)
@@ -94,13 +106,18 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: Mod
     from tqdm import tqdm
 
     info = group.setup(job)
+    if info.reference_seconds:
+        logger.info("reference log-probs of %d rows computed in %.1f s (once, from the starting model)",
+                    info.n_train + info.n_eval, info.reference_seconds)
     logger.info("%s: %d train / %d eval samples, global batch %d, %d steps/epoch, %d steps, %.2fM params "
                 "(%.2fM trainable), lr %.1e", stage, info.n_train, info.n_eval, info.global_batch,
                 info.steps_per_epoch, info.total_steps, info.params / 1e6, info.trainable_params / 1e6, info.lr)
     result = TrainResult(ta.save_path, info)
     save = Path(ta.save_path)
-    run_id = start_run(ta.save_path, stage, ta.resume, ta.overwrite,
-                       {"model": asdict(ma), "data": asdict(job.data), "train": asdict(ta)})
+    config = {"model": asdict(ma), "data": asdict(job.data), "train": asdict(ta)}
+    if job.pref is not None:
+        config["preference"] = asdict(job.pref)
+    run_id = start_run(ta.save_path, stage, ta.resume, ta.overwrite, config)
     result.run_id = run_id
 
     def checkpoint(step: int) -> None:
@@ -181,4 +198,7 @@ def _metrics_line(step: int, total: int, m: dict[str, float]) -> str:
              f"grad_norm {m['train/grad_norm']:.3f}", f"tok/s {m['perf/tokens_per_s']:.0f}"]
     if "train/acc" in m:
         parts.append(f"acc {m['train/acc']:.3f}")
+    for k in ("margin", "accuracy"):
+        if f"train/rewards/{k}" in m:
+            parts.append(f"reward {k} {m[f'train/rewards/{k}']:.3f}")
     return " | ".join(parts)

@@ -24,6 +24,7 @@ from coati_ray.config import (
     PRETRAINED_LR,
     FileDataArgs,
     ModelArgs,
+    PreferenceArgs,
     RMArgs,
     TrainArgs,
 )
@@ -47,6 +48,7 @@ class TrainJob:
     train: TrainArgs
     rm: RMArgs | None = None
     is_preset: bool = True  # picks the default learning rate
+    pref: PreferenceArgs | None = None  # stage "dpo"
 
 
 @dataclass
@@ -61,6 +63,7 @@ class SetupInfo:
     skipped_rows: list[str]
     dropped_samples: int
     lr: float
+    reference_seconds: float = 0.0  # the reference log-prob pass before training (stage "dpo")
 
 
 class TrainerWorker(RankWorker):
@@ -71,19 +74,25 @@ class TrainerWorker(RankWorker):
         self.stage, self.dtype = job.stage, job.model.dtype
         random.seed(ta.seed)
         torch.manual_seed(ta.seed)
-        task_cls = SFTTask if job.stage == "sft" else RMTask
-        kw = {"rm_args": job.rm} if job.stage == "rm" else {}
+        if job.stage == "dpo":
+            from coati_ray.workers.preference_task import PreferenceTask
+
+            task_cls, kw = PreferenceTask, {"pref": job.pref}
+        else:
+            task_cls = SFTTask if job.stage == "sft" else RMTask
+            kw = {"rm_args": job.rm} if job.stage == "rm" else {}
         self.task: Task = task_cls(job.model_path, job.model, job.data, job.train_file, job.eval_file, ta.seed, **kw)
         self.data = self.task.build_datasets()
         self.strategy = make_strategy(ta.strategy, self.device, grad_clip=ta.grad_clip,
                                       accumulation_steps=ta.accumulation_steps, dtype=job.model.dtype)
+        self.micro = ta.batch_size
         model = self.task.build_model()
+        t_ref = self.task.before_training(model, self)
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.lr = ta.lr or (PRESET_LR if job.is_preset else PRETRAINED_LR)
         self.model, self.optimizer = self.strategy.prepare(model, lr=self.lr, weight_decay=ta.weight_decay,
                                                            betas=(ta.adam_beta1, ta.adam_beta2))
-        self.micro = ta.batch_size
         self.global_batch = ta.batch_size * ta.accumulation_steps * self.world_size
         self.steps_per_epoch = len(self.data.train) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -101,7 +110,7 @@ class TrainerWorker(RankWorker):
         self.scheduler = get_cosine_schedule_with_warmup(self.strategy.schedulable(self.optimizer), warmup,
                                                          self.total_steps)
         return SetupInfo(len(self.data.train), len(self.data.eval), self.steps_per_epoch, self.total_steps,
-                         self.global_batch, params, trainable, self.data.skipped, self.data.dropped, self.lr)
+                         self.global_batch, params, trainable, self.data.skipped, self.data.dropped, self.lr, t_ref)
 
     # --- training -------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:

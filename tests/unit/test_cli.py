@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = sorted(p.name for p in (ROOT / "launchers").glob("*.py"))
 # a flag of each launcher that takes an int, for the bad-value case
 INT_FLAG = {"control.py": "--generators", "demo.py": "--trainers", "ppo_cluster.py": "--trainers",
-            "serve.py": "--port", "train_reward_model.py": "--trainers", "train_sft.py": "--trainers"}
+            "serve.py": "--port", "train_dpo.py": "--trainers", "train_reward_model.py": "--trainers",
+            "train_sft.py": "--trainers"}
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
