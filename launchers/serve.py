@@ -5,6 +5,7 @@
     python launchers/serve.py outputs/demo/ppo --port 8000     # then open http://127.0.0.1:8000/
     python launchers/serve.py out/ppo --quant 4bit --gptq_checkpoint out/ppo-gptq4   # scripts/quantize.py made it
     python launchers/serve.py out/ppo --api_key "$KEY" --host 0.0.0.0                 # reachable, with a key
+    python launchers/serve.py out/ppo --feedback_db postgresql+psycopg://me@db/chat   # the page's 👍/👎 elsewhere
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
@@ -13,6 +14,9 @@
 Listens on 127.0.0.1 unless --host says otherwise; --api_key (or $COATI_API_KEY) makes every path but
 /health and the chat page need it. Requests whose Host header names another server get 400 (DNS
 rebinding): reached under another name, add it with --allowed_hosts. Bodies over --max_body_bytes get 413.
+The chat page's 👍 / 👎 and edits go to POST /v1/feedback, stored in feedback.sqlite in the model's
+directory (--feedback_db: another path or SQLAlchemy URL, or none); scripts/export_feedback.py turns
+them into KTO / DPO data.
 """
 
 import logging
@@ -54,6 +58,9 @@ class ServeArgs:
     max_batch_size: int = _help("Requests generated together at most (hf backend; vLLM schedules its own).",
                                 default=32)
     context_len: int | None = _help("Prompt + answer tokens (default: the model's).", default=None)
+    feedback_db: str | None = _help(
+        "Where POST /v1/feedback (the chat page's thumbs and edits) stores rows: a SQLite path or any SQLAlchemy "
+        "URL (default: feedback.sqlite in the model's directory); 'none' turns the endpoint off (404).", default=None)
     model: str | None = field(default=None, init=False)  # the positional argument (not a flag)
 
     def validate(self) -> None:
@@ -117,14 +124,34 @@ def gptq_checkpoint(args) -> str | None:
     return args.gptq_checkpoint
 
 
+def model_path(args) -> str:
+    """The model directory: the positional argument, else outputs/demo/ppo if the demo made it, else the tiny preset."""
+    from coati_ray.models.loading import resolve_model_path
+
+    if args.model is not None:
+        return args.model
+    demo = Path("outputs/demo/ppo")
+    return str(demo) if (demo / "config.json").exists() else resolve_model_path(None)
+
+
+def open_feedback(args):
+    """The feedback store (None with --feedback_db none), opened before the model loads: a database that
+    cannot be written fails at once. Its default is beside the weights served, whose version it records."""
+    if (args.feedback_db or "").strip().lower() == "none":
+        return None
+    from coati_ray.serve.feedback import DEFAULT_DB_NAME, FeedbackStore, weight_version
+
+    weights = Path(gptq_checkpoint(args) or model_path(args))
+    if not weights.is_dir():
+        raise ConfigError("model", f"{weights}: no such model directory")
+    return FeedbackStore(args.feedback_db or str(weights / DEFAULT_DB_NAME), weight_version=weight_version(weights))
+
+
 def load(args):
     """(model, tokenizer, model name, context length) for the flags."""
-    from coati_ray.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+    from coati_ray.models.loading import load_causal_lm, load_tokenizer
 
-    path = args.model
-    if path is None:
-        demo = Path("outputs/demo/ppo")
-        path = str(demo) if (demo / "config.json").exists() else resolve_model_path(None)
+    path = model_path(args)
     if not Path(path).exists():
         raise ConfigError("model", f"{path}: no such model directory")
     ckpt = gptq_checkpoint(args)
@@ -140,10 +167,10 @@ def load(args):
 
 def start_vllm(args):
     """(engine, model name, context length) for --backend vllm; a GPTQ checkpoint loads as vLLM's 'gptq'."""
-    from coati_ray.models.loading import load_config, load_tokenizer, resolve_model_path
+    from coati_ray.models.loading import load_config, load_tokenizer
     from coati_ray.serve.vllm_engine import VLLMServeEngine
 
-    path = gptq_checkpoint(args) or args.model or resolve_model_path(None)
+    path = gptq_checkpoint(args) or model_path(args)
     if not Path(path).exists():
         raise ConfigError("model", f"{path}: no such model directory")
     ctx = args.context_len or getattr(load_config(path), "max_position_embeddings", 2048)
@@ -163,18 +190,20 @@ def main(argv=None):
     from coati_ray.serve.api import create_app
     from coati_ray.serve.engine import BatchingEngine
 
+    feedback = open_feedback(args)
     if args.backend == "vllm":
         engine, name, ctx = start_vllm(args)
     else:
         model, tok, name, ctx = load(args)
         engine = BatchingEngine(model, tok, max_batch_size=args.max_batch_size)
     app = create_app(engine, name, ctx, api_key=args.api_key, max_body_bytes=args.max_body_bytes, host=args.host,
-                     allowed_hosts=[h for h in (args.allowed_hosts or "").split(",") if h.strip()])
+                     allowed_hosts=[h for h in (args.allowed_hosts or "").split(",") if h.strip()], feedback=feedback)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("listening on %s with no --api_key: anyone who can reach this port can use the model",
                        args.host)
     logger.info("serving %s (context %d tokens) on http://%s:%d/ (chat page), /v1 (OpenAI API)%s", name, ctx,
                 args.host, args.port, ", API key required" if args.api_key else "")
+    logger.info("feedback: %s", f"{feedback.url} (weights {feedback.weight_version})" if feedback else "off")
     from coati_ray.serve.http_protocol import OpenAIErrorH11Protocol
 
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=OpenAIErrorH11Protocol)

@@ -4,6 +4,7 @@
     GET  /v1/models              the one model served
     POST /v1/chat/completions    messages -> the model's chat template; "stream": true for SSE
     POST /v1/completions         a raw prompt
+    POST /v1/feedback            a judgment of an answer, stored (`feedback`: a serve.feedback.FeedbackStore)
     GET  /                       the chat page
     GET  /stats, /openapi.json   the engine's counters; the API's schema
 
@@ -210,7 +211,7 @@ class _Guard:
 
 def create_app(engine: BatchingEngine, model_name: str, context_len: int, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, host: str = "127.0.0.1",
-               allowed_hosts: tuple[str, ...] | list[str] = ()):
+               allowed_hosts: tuple[str, ...] | list[str] = (), feedback=None):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, StreamingResponse
@@ -383,6 +384,8 @@ def create_app(engine: BatchingEngine, model_name: str, context_len: int, api_ke
         return {**head, "usage": usage(last),
                 "choices": [{"index": 0, "text": answer, "finish_reason": last.finish_reason}]}
 
+    if feedback is not None:  # else POST /v1/feedback is a 404 like any unknown path
+        feedback.add_route(app, model_name)
     page = resources.files("coati_ray.serve").joinpath("chat.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
