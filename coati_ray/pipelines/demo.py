@@ -72,9 +72,6 @@ def held_out_prompts(n: int) -> list[str]:
 
 
 def run_demo(a: DemoArgs) -> dict:
-    from coati_ray.pipelines.ppo import run_ppo
-    from coati_ray.ppo_config import PPOConfig
-
     a.validate()
     t0 = time.perf_counter()
     out = Path(a.out)
@@ -82,7 +79,15 @@ def run_demo(a: DemoArgs) -> dict:
     st = train_stage12(a, out, cluster, reward_model=a.recipe == "rlhf")
     t1 = time.perf_counter()
     if a.recipe == "dpo":
-        return _finish_dpo(a, out, cluster, st, t0, t1)
+        return finish_dpo(a, out, cluster, st, t0, t1)
+    return finish_ppo(a, out, st, t0, t1)
+
+
+def finish_ppo(a: DemoArgs, out: Path, st: dict, t0: float, t1: float) -> dict:
+    """The last step of the rlhf / rlvr / dapo recipes: PPO (or GRPO) from the SFT policy, then the gold scores."""
+    from coati_ray.pipelines.ppo import run_ppo
+    from coati_ray.ppo_config import PPOConfig
+
     common = dict(pretrain=str(out / "sft"), strategy=a.strategy, max_steps=a.ppo_steps, lr=a.ppo_lr,
                   train_batch_size=16 // a.trainers or 1, max_new_tokens=32, seed=a.seed, save_path=str(out / "ppo"),
                   log_interval=5, actors=a.actors, trainers=a.trainers, address=a.address, overwrite=True)
@@ -113,7 +118,7 @@ def run_demo(a: DemoArgs) -> dict:
     return summary
 
 
-def _finish_dpo(a: DemoArgs, out: Path, cluster: ClusterArgs, st: dict, t0: float, t1: float) -> dict:
+def finish_dpo(a: DemoArgs, out: Path, cluster: ClusterArgs, st: dict, t0: float, t1: float) -> dict:
     """Step 2 of the dpo recipe: DPO from the SFT policy on the demo pairs (its reference: the SFT policy)."""
     from coati_ray.config import ModelArgs, PreferenceArgs, PreferenceDataArgs, TrainArgs
     from coati_ray.pipelines.supervised import run_training

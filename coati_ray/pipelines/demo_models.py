@@ -44,25 +44,36 @@ class DemoRecipeArgs:
             _positive_or_none(self, name)
 
 
+def _train_args(a: DemoRecipeArgs, out: Path, path: str, epochs: int, lr: float):
+    from coati_ray.config import TrainArgs
+
+    return TrainArgs(strategy=a.strategy, batch_size=a.batch_size, max_epochs=epochs, lr=lr, log_interval=50,
+                     save_path=str(out / path), seed=a.seed, overwrite=True)  # the recipe reruns from scratch
+
+
 def train_stage12(a: DemoRecipeArgs, out: Path, cluster: ClusterArgs, reward_model: bool = True) -> dict:
     """Steps 1-2 of the recipe into out/sft and out/rm (step 1 only without `reward_model`); their results."""
     a.validate()
-    from coati_ray.config import ModelArgs, PairDataArgs, RMArgs, SFTDataArgs, TrainArgs
+    from coati_ray.config import ModelArgs, SFTDataArgs
     from coati_ray.pipelines.supervised import run_training
 
-    def ta(path: str, epochs: int, lr: float) -> TrainArgs:
-        return TrainArgs(strategy=a.strategy, batch_size=a.batch_size, max_epochs=epochs, lr=lr, log_interval=50,
-                         save_path=str(out / path), seed=a.seed, overwrite=True)  # the recipe reruns from scratch
+    t0 = time.perf_counter()
+    sft = run_training("sft", ModelArgs(preset_size=a.preset_size), SFTDataArgs(),
+                       _train_args(a, out, "sft", a.sft_epochs, a.sft_lr), cluster)
+    t_sft = time.perf_counter() - t0
+    st = {"sft": sft, "rm": None, "t_sft": t_sft, "t_rm": 0.0}
+    return train_reward_model(a, out, cluster, st) if reward_model else st
+
+
+def train_reward_model(a: DemoRecipeArgs, out: Path, cluster: ClusterArgs, st: dict) -> dict:
+    """Step 2 of the recipe: the reward model from out/sft; `st` (step 1's results) with it added."""
+    from coati_ray.config import ModelArgs, PairDataArgs, RMArgs
+    from coati_ray.pipelines.supervised import run_training
 
     t0 = time.perf_counter()
-    sft = run_training("sft", ModelArgs(preset_size=a.preset_size), SFTDataArgs(), ta("sft", a.sft_epochs, a.sft_lr),
-                       cluster)
-    t_sft = time.perf_counter() - t0
-    if not reward_model:
-        return {"sft": sft, "rm": None, "t_sft": t_sft, "t_rm": 0.0}
-    rm = run_training("rm", ModelArgs(pretrain=str(out / "sft")), PairDataArgs(), ta("rm", a.rm_epochs, a.rm_lr),
-                      cluster, rm=RMArgs())
-    return {"sft": sft, "rm": rm, "t_sft": t_sft, "t_rm": time.perf_counter() - t0 - t_sft}
+    rm = run_training("rm", ModelArgs(pretrain=str(out / "sft")), PairDataArgs(),
+                      _train_args(a, out, "rm", a.rm_epochs, a.rm_lr), cluster, rm=RMArgs())
+    return {**st, "rm": rm, "t_rm": time.perf_counter() - t0}
 
 
 def ensure_demo_models(preset_size: str = "tiny", cluster: ClusterArgs | None = None) -> dict[str, str]:

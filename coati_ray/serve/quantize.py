@@ -142,11 +142,11 @@ def calibration_samples(tokenizer, path: str | Path, n_samples: int, max_len: in
     """Up to `n_samples` token-id samples from a data file, chosen at random (`seed`).
 
     Accepts our dataset layouts: SFT rows (instruction/input/output: prompt + response rendered
-    with the chat template, as SFT trains on them), preference pairs (prompt + chosen), plain text
-    (`text`, as in PTX data) and prompts (`prompt`, rendered as a generation prompt).
+    with the chat template, as SFT trains on them), conversations (messages), preference pairs
+    (prompt + chosen), plain text (`text`, as in PTX data) and prompts (`prompt`, rendered as a generation prompt).
     """
     from coati_ray.data.formatting import instruction_prompt, render_chat, render_prompt
-    from coati_ray.data.loading import load_rows, pair_columns, prompt_columns, sft_columns, text_columns
+    from coati_ray.data.loading import chat_columns, load_rows, pair_columns, prompt_columns, sft_columns, text_columns
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -154,6 +154,7 @@ def calibration_samples(tokenizer, path: str | Path, n_samples: int, max_len: in
     layouts = [
         (sft_columns({}), lambda r: render_chat(tokenizer, instruction_prompt(r["instruction"], r["input"]),
                                                 r["output"])[1]),
+        (chat_columns({}), lambda r: tokenizer.apply_chat_template(r["messages"], tokenize=False)),
         (pair_columns({}), lambda r: render_chat(tokenizer, r["prompt"], r["chosen"])[1]),
         (text_columns({}), lambda r: r["text"]),
         (prompt_columns({}), lambda r: render_prompt(tokenizer, r["prompt"])),
@@ -167,7 +168,7 @@ def calibration_samples(tokenizer, path: str | Path, n_samples: int, max_len: in
             if "missing field" not in e.message and "no usable rows" not in e.message:
                 raise  # unreadable file: say so, do not try other layouts
     if rows is None:
-        raise DataError(str(path), "no calibration text found: expected rows with instruction/output (SFT), "
+        raise DataError(str(path), "no calibration text found: expected rows with instruction/output (SFT), messages, "
                         "prompt/chosen/rejected (pairs), text, or prompt fields")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)

@@ -258,3 +258,21 @@ def test_gpu_full_state_dict_has_hf_names_and_fp32_values(tmp_path, strategy):
         if strategy == "colossalai_zero2":
             for name, p in worker.strategy.unwrap(worker.model).named_parameters():
                 assert torch.equal(sd[name].to(p.dtype), p.detach().cpu()), name
+
+
+def test_dpo_on_two_colossalai_ddp_trainers_matches_ddp(ray_cluster, tmp_path):
+    """The preference trainer on the booster path: the reference pass runs before the plugin wraps the model."""
+    import math
+
+    from coati_ray.config import ClusterArgs, PreferenceArgs, PreferenceDataArgs
+    from coati_ray.pipelines.supervised import run_training
+
+    def dpo(strategy):
+        ta = TrainArgs(strategy=strategy, batch_size=4, max_steps=4, lr=1e-3, save_path=str(tmp_path / strategy),
+                       log_interval=1000, warmup_ratio=0.0)
+        return run_training("dpo", ModelArgs(preset_size="micro"), PreferenceDataArgs(max_samples=64), ta,
+                            ClusterArgs(trainers=2), pref=PreferenceArgs(), progress=False)
+
+    booster, ddp = dpo("colossalai_ddp"), dpo("ddp")
+    assert losses(booster)[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses(booster) == pytest.approx(losses(ddp), rel=LOSS_RTOL)

@@ -96,6 +96,12 @@ def test_dpo_on_one_trainer_with_accumulation_is_the_same_update(dpo_two, chat_f
     assert one.final_eval["eval/rewards/accuracy"] == pytest.approx(dpo_two.final_eval["eval/rewards/accuracy"])
 
 
+def test_dpo_under_fsdp_is_the_same_update_as_under_ddp(dpo_two, chat_files, tmp_path):
+    r = dpo(tmp_path / "fsdp", chat_files["pairs"], strategy="fsdp")
+    for x, y in zip(r.history, dpo_two.history, strict=True):
+        assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-5, abs=1e-6)
+
+
 def test_dpo_resumes_with_the_reference_of_the_starting_model(dpo_two, chat_files, tmp_path):
     save = tmp_path / "resumed"
     shutil.copytree(dpo_two.save_path, save)

@@ -67,6 +67,30 @@ def test_a_function_file_scores_every_row_by_its_own_columns_and_no_critic_or_rm
     assert summary["reward_sources"] == [{"name": "score", "kind": "fn", "target": f"{fn}:score", "weight": 1.0}]
 
 
+# Message prompts: the function sees the last user turn as the prompt and the whole conversation as `messages`.
+CONVERSATION = '''
+def score(prompts, responses, target, messages, **other_columns):
+    for p, t, m in zip(prompts, target, messages):
+        if p != f"Question {t}: how many?" or m[0]["role"] != "system" or m[-1]["content"] != p or len(m) != 4:
+            raise ValueError(f"row mix-up: {p!r}, {m!r}")
+    return [float(t) for t in target]
+'''
+
+
+def test_message_prompts_are_continued_and_graded_on_their_last_user_turn(ray_cluster, micro_model, tmp_path):
+    f = tmp_path / "chat_prompts.jsonl"
+    f.write_text("".join(json.dumps({"prompt": [{"role": "system", "content": "Count."},
+                                                {"role": "user", "content": "Earlier?"},
+                                                {"role": "assistant", "content": "Yes."},
+                                                {"role": "user", "content": f"Question {i}: how many?"}],
+                                     "target": i}) + "\n" for i in range(8)), encoding="utf-8")
+    fn = tmp_path / "conv_rewards.py"
+    fn.write_text(CONVERSATION)
+    r = ppo(micro_model, tmp_path, "conv", reward_fn=f"{fn}:score", prompt_dataset=str(f))
+    for m, want in zip(r.history, expected_step_means(tmp_path, 2)):
+        assert m["reward/mean"] == pytest.approx(want)
+
+
 def test_a_weighted_mix_of_the_reward_model_and_the_math_verifier(ray_cluster, micro_model, tmp_path):
     r = ppo(micro_model, tmp_path, "mix", rm_path=micro_model, reward_fn="math", reward_weights="0.5,2")
     for m in r.history:

@@ -83,11 +83,15 @@ class Help:
 
 
 def usage_flags(text: str) -> frozenset[str]:
-    """The option strings argparse prints in its usage block (each argument's first name), + --help."""
+    """The option strings argparse prints: its usage block (each argument's first name), the aliases in its
+    options list, and --help."""
     m = re.search(r"^usage:.*?(?=^\s*$)", text, re.MULTILINE | re.DOTALL)
     if not m:
         return frozenset()
     flags = {f.rstrip("-") for f in FLAG_RE.findall(m.group(0))}
+    for line in text[m.end():].splitlines():  # aliases: "  --orpo_lambda X, --lambda X   help text"
+        if line.lstrip().startswith("--"):
+            flags |= {f.rstrip("-") for f in FLAG_RE.findall(re.split(r"\s{2,}", line.strip())[0])}
     if re.search(r"\[-h\]", m.group(0)):
         flags.add("--help")
     return frozenset(flags)
