@@ -147,3 +147,15 @@ def test_dpo_moves_the_weights(dpo_two):
     from coati_ray.models.loading import resolve_model_path
 
     assert max_diff(weights(dpo_two.save_path), weights(resolve_model_path(None, "auto", "micro"))) > 1e-4
+
+
+def test_the_demo_runs_its_dpo_recipe(ray_cluster, tmp_path):
+    from coati_ray.pipelines.demo import DemoArgs, run_demo
+
+    s = run_demo(DemoArgs(recipe="dpo", preset_size="micro", sft_epochs=1, batch_size=64, dpo_epochs=1,
+                          eval_prompts=8, out=str(tmp_path / "demo")))
+    assert s["recipe"] == "dpo" and s["rm"] is None and "ppo" not in s
+    assert s["dpo"]["steps"] == 3300 // 64 and s["dpo"]["reference_seconds"] > 0
+    assert 0.0 <= s["gold"]["dpo"] <= 1.0 and s["gold"]["prompts"] == 8
+    assert (tmp_path / "demo" / "dpo" / "config.json").exists() and not (tmp_path / "demo" / "rm").exists()
+    assert json.loads((tmp_path / "demo" / "demo_summary.json").read_text())["gold"]["dpo"] == s["gold"]["dpo"]

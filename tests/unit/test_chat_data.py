@@ -93,6 +93,10 @@ def test_kto_rows_read_booleans_exactly(tmp_path):
                             {"prompt": "q", "completion": [{"role": "assistant", "content": "x"}], "label": False}])
     rows = list(load_rows(path, unpaired_columns({})).dataset)
     assert [(r["completion"], r["label"]) for r in rows] == [("3.", True), ("x", False)]
+    colossal = jsonl(tmp_path, [{"prompt": [{"from": "user", "content": "q"}],  # ColossalChat's KTO rows
+                                 "completion": {"from": "assistant", "content": "a"}, "label": True}], "c.jsonl")
+    assert list(load_rows(colossal, unpaired_columns({})).dataset) == [
+        {"prompt": [{"role": "user", "content": "q"}], "completion": "a", "label": True}]
     csv = tmp_path / "k.csv"
     csv.write_text("prompt,completion,label\nq,a,true\nq,b,FALSE\n", encoding="utf-8")
     assert [r["label"] for r in load_rows(csv, unpaired_columns({})).dataset] == [True, False]
