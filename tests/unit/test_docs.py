@@ -89,9 +89,11 @@ def usage_flags(text: str) -> frozenset[str]:
     if not m:
         return frozenset()
     flags = {f.rstrip("-") for f in FLAG_RE.findall(m.group(0))}
+    first = set(flags)
     for line in text[m.end():].splitlines():  # aliases: "  --orpo_lambda X, --lambda X   help text"
-        if line.lstrip().startswith("--"):
-            flags |= {f.rstrip("-") for f in FLAG_RE.findall(re.split(r"\s{2,}", line.strip())[0])}
+        if line.lstrip().startswith("--"):  # (not HfArgumentParser's --dashed-copy of each --flag_name)
+            flags |= {f for f in FLAG_RE.findall(re.split(r"\s{2,}", line.strip())[0])
+                      if f.replace("-", "_").replace("__", "--", 1) not in first}
     if re.search(r"\[-h\]", m.group(0)):
         flags.add("--help")
     return frozenset(flags)
