@@ -1,8 +1,10 @@
 """Turn validated rows into token ids: chat template, response-only loss mask, truncation.
 
-A tokenizer with a chat template renders `[user, assistant]`; one without (e.g. GPT-2) falls
-back to the Alpaca-style prompt that ColossalChat's SFT used. In both, the prompt rendered on its
-own is a prefix of the full text, which is how the loss mask finds the response tokens.
+A tokenizer with a chat template renders `[user, assistant]` (or a whole conversation, see
+`conversations.render_for_training`); one without (e.g. GPT-2) falls back to the Alpaca-style
+prompt that ColossalChat's SFT used, for single-turn rows only. In both, the prompt rendered on its
+own is a prefix of the full text, which is how the loss mask finds the response tokens
+(`tokenize_spans`: character spans to token positions).
 """
 
 from __future__ import annotations
