@@ -41,6 +41,7 @@ class PrefItem:
     second: fmt.TokenizedSFT
     desirable: bool | None = None
     ref: tuple[float, float] = (0.0, 0.0)  # reference log-probs of first and second
+    row: dict | None = None  # KTO: the row, whose prompt and completion the mismatched pairs reuse
 
 
 def response_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,19 +73,17 @@ class PreferenceTask(Task):
         L = self.data_args.max_len
         if self.kto:
             seq = fmt.tokenize_sft(self.tokenizer, row["prompt"], row["completion"], L)
-            return None if seq is None else PrefItem(seq, seq, bool(row["label"]))
+            return None if seq is None else PrefItem(seq, seq, bool(row["label"]), row=row)
         c = fmt.tokenize_sft(self.tokenizer, row["prompt"], row["chosen"], L)
         r = fmt.tokenize_sft(self.tokenizer, row["prompt"], row["rejected"], L)
         return None if c is None or r is None else PrefItem(c, r)
 
     def _tokenize_all(self, rows: list[dict]):
         items, dropped = super()._tokenize_all(rows)
-        if self.kto and len(rows) > 1:  # KTO's mismatched pairs: this prompt, the next row's completion
-            kept = [r for r in rows if fmt.tokenize_sft(self.tokenizer, r["prompt"], r["completion"],
-                                                        self.data_args.max_len) is not None]
+        if self.kto and len(items) > 1:  # KTO's mismatched pairs: this prompt, the next kept row's completion
             for i, item in enumerate(items):
-                other = kept[(i + 1) % len(kept)]["completion"]
-                mis = fmt.tokenize_sft(self.tokenizer, kept[i]["prompt"], other, self.data_args.max_len)
+                other = items[(i + 1) % len(items)].row["completion"]
+                mis = fmt.tokenize_sft(self.tokenizer, item.row["prompt"], other, self.data_args.max_len)
                 item.second = mis if mis is not None else item.first
         return items, dropped
 
