@@ -14,6 +14,8 @@ SIZES = {
     # hidden, layers, heads, ffn
     "tiny": (256, 4, 4, 688),
     "micro": (64, 2, 2, 176),
+    # not a --preset_size: the larger variant of scripts/bench_peer.py (~52M parameters, issue 18)
+    "small": (512, 16, 8, 1376),
 }
 FAMILIES = ("llama", "gpt2", "opt", "bloom")
 

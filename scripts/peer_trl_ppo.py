@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts_per_step", type=int, default=16, help="prompts (= samples) per step; default 16")
     p.add_argument("--new_tokens", type=int, default=48, help="exact number of sampled tokens per response")
     p.add_argument("--preset", choices=("tiny", "micro"), default="tiny", help="coati_ray's llama preset")
+    p.add_argument("--model_dir", help="the policy's HF directory instead of --preset (scripts/bench_peer.py "
+                   "builds one per variant)")
+    p.add_argument("--reward_dir", help="reward and value models start from this directory (a sequence "
+                   "classifier, num_labels=1) instead of new heads on the policy's")
     p.add_argument("--seed", type=int, default=42, help="seed of the value/reward heads and the sampling")
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (coati_ray's preset PPO lr)")
     p.add_argument("--json", metavar="PATH", help="also write every step and the summary (and the prompt ids) here")
@@ -105,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     P, K, N = args.prompts_per_step, args.new_tokens, args.steps
-    path = resolve_model_path(None, "auto", args.preset)
+    path = args.model_dir or resolve_model_path(None, "auto", args.preset)
     tok = load_tokenizer(path)
     prompts = load_prompts(tok, N * P, K)  # before the pad changes: the ids coati_ray's generator sees
     torch.manual_seed(args.seed)
     policy = load_causal_lm(path, dtype="fp32")
-    reward = load_value_model(path, dtype="fp32", pad_token_id=tok.pad_token_id)
-    value = load_value_model(path, dtype="fp32", pad_token_id=tok.pad_token_id)
+    reward = load_value_model(args.reward_dir or path, dtype="fp32", pad_token_id=tok.pad_token_id)
+    value = load_value_model(args.reward_dir or path, dtype="fp32", pad_token_id=tok.pad_token_id)
     vocab = policy.config.vocab_size
     tok.add_special_tokens({"pad_token": "<|peer_pad|>"})
     if tok.pad_token_id != vocab:

@@ -54,6 +54,9 @@ class PPOResult:
     made_by: list[list[int]] = field(default_factory=list)  # [step] generator index of each chunk
     placement: dict[str, str] = field(default_factory=dict)  # actor name -> Ray node id
     run_id: str = ""  # the id in save_path/run.json that this run's checkpoints carry
+    # seconds since run_ppo began at which start-up reached each point ("ray_up", "actors_started",
+    # "models_loaded", "first_step", "last_step", "saved"): where a short run's time goes
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,6 +127,7 @@ def ppo_step(step: int, cfg: PPOConfig, actors: Roles, st: StepState) -> StepOut
 
 def run_ppo(cfg: PPOConfig, progress: bool = True) -> PPOResult:
     """Run stage 3 and save the policy to `--save_path` (the critic to `save_path/critic`)."""
+    t0 = time.perf_counter()
     cfg.validate()
     check_plan_fits(cfg)
     jobs = make_jobs(cfg)
@@ -136,9 +140,11 @@ def run_ppo(cfg: PPOConfig, progress: bool = True) -> PPOResult:
     if embedded and total_cpus < cpus:  # the actors would wait for CPUs forever (a real cluster may autoscale)
         raise ConfigError("actors", f"the roles ask for {cpus:g} CPUs but the Ray cluster has {total_cpus:g}; lower "
                           "--actors / --*_cpus / --cpus_per_trainer or add nodes")
+    timeline = {"ray_up": time.perf_counter() - t0}
     actors = start_roles(cfg, jobs, n_prompts)
+    timeline["actors_started"] = time.perf_counter() - t0
     try:
-        return _run(cfg, jobs, actors, n_prompts, progress)
+        return _run(cfg, jobs, actors, n_prompts, progress, timeline, t0)
     finally:
         actors.shutdown()
 
@@ -173,11 +179,14 @@ def _set_up(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int) -> tup
     return result, StepState(total, ticket, kl_ctl, result.start_step)
 
 
-def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress: bool) -> PPOResult:
+def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress: bool,
+         timeline: dict[str, float], t0: float) -> PPOResult:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     result, st = _set_up(cfg, jobs, actors, n_prompts)
+    result.timeline = timeline
+    timeline["models_loaded"] = time.perf_counter() - t0
     save, step, total = Path(cfg.run.save_path), result.start_step, st.total
     keep = (result.run_id, cfg.run.keep_checkpoints)  # what every checkpoint records and how many stay
     writer = SummaryWriter(str(save / "tensorboard"))
@@ -194,6 +203,7 @@ def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress:
             scale_generators(actors, target)
             drop_lost_generators(actors)
             out = ppo_step(step, cfg, actors, st)
+            timeline["first_step" if step == result.start_step else "last_step"] = time.perf_counter() - t0
             step, m, st.updating = step + 1, out.metrics, False
             result.history.append(m)
             result.trained_ids.append(out.trained_ids)
@@ -220,4 +230,5 @@ def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress:
         bar.close()
     writer.close()
     ppo_state.save_final(cfg, jobs, actors, result, step, st.kl_ctl)
+    timeline["saved"] = time.perf_counter() - t0
     return result
