@@ -79,6 +79,10 @@ class FileDataArgs(BaseDataArgs):
     eval_split: float = _help("Fraction of --dataset held out for evaluation when --eval_dataset is not "
                               "given.", default=0.05)
     max_samples: int | None = _help("Use at most this many training rows.", default=None)
+    packing: bool = _help("Padding-free packing: each micro-batch's sequences share rows of up to --max_len "
+                          "tokens, with their own positions and a block-diagonal causal mask, instead of being "
+                          "padded to the longest (the same loss up to float noise; llama-family models, others "
+                          "pad).", default=True)
 
     def validate(self) -> None:
         BaseDataArgs.validate(self)

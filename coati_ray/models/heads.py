@@ -33,8 +33,12 @@ def _takes_position_ids(model: nn.Module) -> bool:
     return cached
 
 
-def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """model(...) with position ids that respect left padding."""
+def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            positions: torch.Tensor | None = None):
+    """model(...) with position ids that respect left padding (or `positions`, for a packed batch
+    whose attention_mask is 4-D: coati_ray/data/packing.py)."""
+    if positions is not None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     kw = {"position_ids": position_ids(attention_mask)} if _takes_position_ids(model) else {}
     return model(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
@@ -69,7 +73,8 @@ def _score_module(model: nn.Module) -> nn.Module:
     return best[1]
 
 
-def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar head applied at every position: (B, T) -> (B, T).
 
     HF sequence-classification models pool inside forward(); a hook on the head keeps the
@@ -78,7 +83,7 @@ def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     captured: list[torch.Tensor] = []
     handle = _score_module(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        forward(model, input_ids, attention_mask)
+        forward(model, input_ids, attention_mask, positions)
     finally:
         handle.remove()
     return captured[-1].squeeze(-1).float()  # (B, T)

@@ -112,6 +112,8 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: Mod
     logger.info("%s: %d train / %d eval samples, global batch %d, %d steps/epoch, %d steps, %.2fM params "
                 "(%.2fM trainable), lr %.1e", stage, info.n_train, info.n_eval, info.global_batch,
                 info.steps_per_epoch, info.total_steps, info.params / 1e6, info.trainable_params / 1e6, info.lr)
+    if info.padding:
+        logger.info("%s micro-batches (rank 0, one epoch): %s", stage, info.padding)
     result = TrainResult(ta.save_path, info)
     save = Path(ta.save_path)
     config = {"model": asdict(ma), "data": asdict(job.data), "train": asdict(ta)}

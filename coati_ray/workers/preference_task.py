@@ -58,6 +58,7 @@ class PreferenceTask(Task):
 
     def __init__(self, *args, pref: PreferenceArgs, **kw):
         super().__init__(*args, **kw)
+        self.packing = False  # preference batches are padded (their reference pass too); not packed yet
         self.pref, self.beta = pref, pref.resolved_beta()
         self.kto = pref.loss == "kto"
         self.count_name = "rows" if self.kto else "pairs"

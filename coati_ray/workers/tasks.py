@@ -23,8 +23,9 @@ from coati_ray.config import FileDataArgs, ModelArgs, RMArgs
 from coati_ray.data import formatting as fmt
 from coati_ray.data.conversations import ChatError
 from coati_ray.data.loading import load_rows, pair_schema, sft_schema
+from coati_ray.data.packing import can_pack, pack, padding_stats
 from coati_ray.errors import DataError
-from coati_ray.models.heads import sequence_reward
+from coati_ray.models.heads import sequence_reward, token_values
 from coati_ray.models.loading import load_causal_lm, load_tokenizer, load_value_model
 from coati_ray.models.lora import apply_lora
 
@@ -55,6 +56,28 @@ class Task:
         self.model_path, self.model_args, self.data_args = model_path, model_args, data_args
         self.train_file, self.eval_file, self.seed = train_file, eval_file, seed
         self.tokenizer = load_tokenizer(model_path)
+        # padding-free packing (coati_ray/data/packing.py) where the model family takes it
+        self.packing = getattr(data_args, "packing", False) and can_pack(self._model_type())
+
+    def _model_type(self) -> str | None:
+        from coati_ray.models.loading import load_config
+
+        return getattr(load_config(self.model_path), "model_type", None)
+
+    def lengths(self, item: Any) -> list[int]:
+        """The lengths of the sequences an item contributes to a micro-batch."""
+        return [len(item.input_ids)]
+
+    def padding_report(self, micro_batches: list[list[Any]]) -> str:
+        """'padding 61% of positions -> 3% packed' over the given micro-batches (for the start-up log)."""
+        lengths = [[n for it in mb for n in self.lengths(it)] for mb in micro_batches if mb]
+        stats = [padding_stats(mb, max(self.data_args.max_len, max(mb))) for mb in lengths]
+        real = sum(s.real for s in stats)
+        padded, packed = sum(s.padded for s in stats), sum(s.packed for s in stats)
+        if not self.packing:
+            return f"padding {1 - real / max(padded, 1):.0%} of positions (not packed)"
+        return (f"padding {1 - real / max(padded, 1):.0%} of positions -> {1 - real / max(packed, 1):.0%} packed "
+                f"({padded / max(packed, 1):.2f}x fewer positions)")
 
     # --- to implement -------------------------------------------------------------------------
     def build_model(self) -> nn.Module: ...
@@ -140,10 +163,17 @@ class SFTTask(Task):
         return fmt.tokenize_sft(self.tokenizer, prompt, row["output"], self.data_args.max_len)
 
     def collate(self, items):
+        if self.packing:
+            return pack([x.input_ids for x in items], self.tokenizer.pad_token_id, self._row_tokens(items),
+                        labels=[x.labels for x in items])
         return fmt.collate_sft(items, self.tokenizer.pad_token_id)
 
+    def _row_tokens(self, items) -> int:
+        return max(self.data_args.max_len, *(n for it in items for n in self.lengths(it)))
+
     def _token_nll(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        kw = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits  # (B, T, V)
         labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted from position t-1
         nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none",
                               ignore_index=fmt.IGNORE_INDEX)
@@ -183,15 +213,27 @@ class RMTask(Task):
     def tokenize(self, row: dict):
         return fmt.tokenize_pair(self.tokenizer, row["prompt"], row["chosen"], row["rejected"], self.data_args.max_len)
 
+    def lengths(self, item) -> list[int]:
+        return [len(item.chosen), len(item.rejected)]
+
     def collate(self, items):
+        if self.packing:  # chosen first, then rejected, as collate_pairs orders them
+            seqs = [x.chosen for x in items] + [x.rejected for x in items]
+            return pack(seqs, self.tokenizer.pad_token_id, max(self.data_args.max_len, *map(len, seqs)))
         return fmt.collate_pairs(items, self.tokenizer.pad_token_id)
 
     def _rewards(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        r = sequence_reward(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        if "seq_end" in batch:  # packed: the head's output at each sequence's last token
+            values = token_values(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+            r = values[batch["seq_row"], batch["seq_end"]]  # (2B,)
+        else:
+            r = sequence_reward(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
         b = r.shape[0] // 2
         return r[:b], r[b:]
 
     def count(self, batch):
+        if "seq_row" in batch:  # packed: rows hold several sequences
+            return batch["seq_row"].shape[0] // 2
         return batch["input_ids"].shape[0] // 2  # pairs: chosen rows first, then rejected
 
     def loss(self, model, batch):

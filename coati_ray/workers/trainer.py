@@ -64,6 +64,7 @@ class SetupInfo:
     dropped_samples: int
     lr: float
     reference_seconds: float = 0.0  # the reference log-prob pass before training (stage "dpo")
+    padding: str = ""  # share of padded positions in the first epoch's micro-batches, padded and packed
 
 
 class TrainerWorker(RankWorker):
@@ -109,8 +110,11 @@ class TrainerWorker(RankWorker):
         warmup = math.ceil(ta.warmup_ratio * self.total_steps)
         self.scheduler = get_cosine_schedule_with_warmup(self.strategy.schedulable(self.optimizer), warmup,
                                                          self.total_steps)
+        padding = "" if job.stage == "dpo" else self.task.padding_report(
+            [[self.data.train[i] for i in mb] for s in range(self.steps_per_epoch) for mb in self._micro_batches(s)])
         return SetupInfo(len(self.data.train), len(self.data.eval), self.steps_per_epoch, self.total_steps,
-                         self.global_batch, params, trainable, self.data.skipped, self.data.dropped, self.lr, t_ref)
+                         self.global_batch, params, trainable, self.data.skipped, self.data.dropped, self.lr, t_ref,
+                         padding)
 
     # --- training -------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -146,7 +150,7 @@ class TrainerWorker(RankWorker):
                 # x world_size: DDP/FSDP average gradients over ranks, we want the global-count mean.
                 self.strategy.backward(s * (self.world_size / global_count), self.model, self.optimizer)
             loss_sum += float(s.detach())
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch.get("tokens_mask", batch["attention_mask"]).sum())  # packed: a 4-D mask
             for k, v in extra.items():
                 extras[k] = extras.get(k, 0.0) + v
         lr = self.scheduler.get_last_lr()[0]
