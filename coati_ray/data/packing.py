@@ -9,8 +9,10 @@ attending to its neighbours, so every token's logits are those of the sequence a
 noise aside; tests/unit/test_packing.py checks SFT and RM losses against the padded batch).
 
 Only model types whose attention takes a 4-D mask and positions as given are packed
-(`PACKABLE`: RoPE models built on transformers' shared masking); others (gpt2, opt, bloom) keep
-padding.
+(`PACKABLE`: RoPE models built on transformers' shared masking), and only with transformers >= 5
+and SDPA attention, where a boolean 4-D mask is passed to torch's SDPA as it is (4.x turns masks
+into float ones on CUDA and refuses a boolean one; eager attention adds the mask); other models
+(gpt2, opt, bloom, flash-attention) keep padding.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ PACKABLE = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
 
 def can_pack(model_type: str | None) -> bool:
     return model_type in PACKABLE
+
+
+def model_can_pack(model: torch.nn.Module) -> bool:
+    """Whether this loaded model (through any wrappers) takes a packed batch: see the module doc."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if inner is None or int(transformers.__version__.split(".")[0]) < 5:
+        return False
+    return can_pack(inner.config.model_type) and getattr(inner.config, "_attn_implementation", None) == "sdpa"
 
 
 def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:

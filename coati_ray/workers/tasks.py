@@ -23,7 +23,7 @@ from coati_ray.config import FileDataArgs, ModelArgs, RMArgs
 from coati_ray.data import formatting as fmt
 from coati_ray.data.conversations import ChatError
 from coati_ray.data.loading import load_rows, pair_schema, sft_schema
-from coati_ray.data.packing import can_pack, pack, padding_stats
+from coati_ray.data.packing import can_pack, model_can_pack, pack, padding_stats
 from coati_ray.errors import DataError
 from coati_ray.models.heads import sequence_reward, token_values
 from coati_ray.models.loading import load_causal_lm, load_tokenizer, load_value_model
@@ -148,6 +148,7 @@ class SFTTask(Task):
 
     def build_model(self) -> nn.Module:
         model = load_causal_lm(self.model_path, self.model_args.model)
+        self.packing = self.packing and model_can_pack(model)  # the attention it loaded with takes it
         return self._maybe_lora(model, "causal_lm")
 
     def columns(self):
@@ -205,6 +206,7 @@ class RMTask(Task):
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.seed)  # the new scalar head must be identical on every rank
         model = load_value_model(self.model_path, self.model_args.model, pad_token_id=self.tokenizer.pad_token_id)
+        self.packing = self.packing and model_can_pack(model)  # the attention it loaded with takes it
         return self._maybe_lora(model, "value")
 
     def columns(self):

@@ -47,9 +47,16 @@ def test_packed_layout_positions_mask_and_labels():
     assert all(m[r, 0].diagonal().all() for r in range(2))  # nobody's row is empty
 
 
-def test_only_families_that_take_positions_and_4d_masks_pack():
+def test_only_families_that_take_positions_and_4d_masks_pack(micro_model):
+    from coati_ray.data.packing import model_can_pack
+    from coati_ray.models.loading import load_causal_lm
+
     assert can_pack("llama") and can_pack("qwen2")
     assert not can_pack("gpt2") and not can_pack("bloom") and not can_pack(None)
+    model = load_causal_lm(micro_model)
+    assert model_can_pack(model)  # a llama with SDPA attention
+    model.config._attn_implementation = "eager"  # eager attention adds the mask: a boolean one would be wrong
+    assert not model_can_pack(model)
 
 
 def _grads(model):
