@@ -56,6 +56,11 @@ class BaseDataArgs:
     """What every stage's data has: the token budget and what to do with a malformed row."""
 
     max_len: int = _help("Truncate tokenized samples to this many tokens.", default=512)
+    packing: bool = _help("Padding-free packing: a batch's sequences share rows (SFT/RM: of up to --max_len tokens; "
+                          "PPO's scoring and training passes: no wider than the padded batch), each with its own "
+                          "positions and a block-diagonal causal mask, instead of being padded to the longest (the "
+                          "same results up to float noise; llama-family models with SDPA attention, others pad).",
+                          default=True)
     skip_bad_rows: bool = _help("Skip and count malformed rows instead of stopping at the first one.",
                                 default=False)
 
@@ -79,10 +84,6 @@ class FileDataArgs(BaseDataArgs):
     eval_split: float = _help("Fraction of --dataset held out for evaluation when --eval_dataset is not "
                               "given.", default=0.05)
     max_samples: int | None = _help("Use at most this many training rows.", default=None)
-    packing: bool = _help("Padding-free packing: each micro-batch's sequences share rows of up to --max_len "
-                          "tokens, with their own positions and a block-diagonal causal mask, instead of being "
-                          "padded to the longest (the same loss up to float noise; llama-family models, others "
-                          "pad).", default=True)
 
     def validate(self) -> None:
         BaseDataArgs.validate(self)

@@ -139,3 +139,43 @@ def pack(seqs: list[list[int]], pad_id: int, row_tokens: int,
     if labels is not None:
         batch["labels"] = out_labels
     return batch
+
+
+@dataclass
+class PackedPadded:
+    """A padded (B, T) batch packed for one forward pass, and the way back (`unpack`)."""
+
+    batch: dict[str, torch.Tensor]  # input_ids, position_ids, attention_mask (4-D), ... as `pack` returns
+    src: torch.Tensor  # (N,) flat packed positions of the real tokens
+    dst: torch.Tensor  # (N,) the same tokens' flat positions in the padded batch
+    shape: tuple[int, int]  # (B, T)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, L, ...) per packed position -> (B, T, ...) per padded position (zeros at the padding);
+        differentiable."""
+        B, T = self.shape
+        flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+        out = flat.new_zeros((B * T, *x.shape[2:]))
+        return out.index_copy(0, self.dst, flat.index_select(0, self.src)).view(B, T, *x.shape[2:])
+
+
+def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                min_saving: float = 0.1) -> PackedPadded | None:
+    """Pack a padded batch (any mix of left and right padding: a row's attended tokens are its
+    sequence) into rows no wider than the batch; None when that saves less than `min_saving` of
+    the positions (then the padded forward is as good)."""
+    B, T = input_ids.shape
+    mask = attention_mask.bool()
+    lengths = mask.sum(1).tolist()
+    rows = pack_rows(lengths, T)
+    width = max(sum(lengths[i] for i in r) for r in rows)
+    if len(rows) * width > (1 - min_saving) * B * T:
+        return None
+    ids = input_ids.cpu()
+    batch = pack([ids[b][mask[b].cpu()].tolist() for b in range(B)], 0, T)
+    L = batch["input_ids"].shape[1]
+    src = torch.cat([batch["seq_row"][b] * L + torch.arange(batch["seq_end"][b] - n + 1, batch["seq_end"][b] + 1)
+                     for b, n in enumerate(lengths)])
+    dst = torch.cat([b * T + mask[b].nonzero().squeeze(1).cpu() for b in range(B)])
+    device = input_ids.device
+    return PackedPadded({k: v.to(device) for k, v in batch.items()}, src.to(device), dst.to(device), (B, T))

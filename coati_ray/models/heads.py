@@ -9,6 +9,7 @@ the generator sampled it (llama's forward numbers positions from column 0 when g
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -33,12 +34,34 @@ def _takes_position_ids(model: nn.Module) -> bool:
     return cached
 
 
+def set_packing(model: nn.Module, on: bool) -> None:
+    """Let `forward` pack this model's padded batches (coati_ray/data/packing.py) where the model
+    takes it; the PPO roles call it with --packing."""
+    from coati_ray.data.packing import model_can_pack
+
+    model._coati_pack = on and model_can_pack(model)
+
+
 def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             positions: torch.Tensor | None = None):
     """model(...) with position ids that respect left padding (or `positions`, for a packed batch
-    whose attention_mask is 4-D: coati_ray/data/packing.py)."""
+    whose attention_mask is 4-D: coati_ray/data/packing.py).
+
+    A model marked by `set_packing` runs a padded batch packed when that saves positions: the
+    result then has `.logits` laid out as the padded batch (zeros at its padding) and `.unpack`,
+    which does the same for any other per-position output (the critic's values).
+    """
     if positions is not None:
         return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+    if getattr(model, "_coati_pack", False):
+        from coati_ray.data.packing import pack_padded
+
+        packed = pack_padded(input_ids, attention_mask)
+        if packed is not None:
+            b = packed.batch
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"])
+            logits = out.logits if out.logits.dim() == 3 else None  # a classifier's pooled logits mean nothing here
+            return SimpleNamespace(logits=None if logits is None else packed.unpack(logits), unpack=packed.unpack)
     kw = {"position_ids": position_ids(attention_mask)} if _takes_position_ids(model) else {}
     return model(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
@@ -83,10 +106,13 @@ def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     captured: list[torch.Tensor] = []
     handle = _score_module(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        forward(model, input_ids, attention_mask, positions)
+        out = forward(model, input_ids, attention_mask, positions)
     finally:
         handle.remove()
-    return captured[-1].squeeze(-1).float()  # (B, T)
+    values = captured[-1]
+    if isinstance(out, SimpleNamespace):  # ran packed: back to the padded layout
+        values = out.unpack(values)
+    return values.squeeze(-1).float()  # (B, T)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ def action_values(model, exp: Experience) -> torch.Tensor:
 class CriticWorker(PPORank):
     def setup(self, job: CriticJob) -> dict[str, float]:
         self.job = job
-        return self._setup_common(job.update, job.tokenizer_path, job.model.dtype)
+        return self._setup_common(job.update, job.tokenizer_path, job.model.dtype, job.packing)
 
     def build_model(self) -> torch.nn.Module:
         from coati_ray.models.loading import load_tokenizer, load_value_model

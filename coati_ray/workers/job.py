@@ -72,3 +72,4 @@ class CriticJob(ModelJob):
     update: UpdateSpec
     objective: ObjectiveArgs  # gamma, lam, whiten_advantages, value_clip
     n_samples_per_prompt: int
+    packing: bool = True  # --packing: run padded experience packed (models/heads.py)

@@ -41,7 +41,7 @@ class PolicyTrainOut:
 class PolicyWorker(PPORank):
     def setup(self, job: PolicyJob) -> dict[str, float]:
         self.job = job
-        info = self._setup_common(job.update, job.policy_path, job.model.dtype)
+        info = self._setup_common(job.update, job.policy_path, job.model.dtype, job.data.packing)
         self.transport_state: dict = {}  # what a weight-sync transport keeps on this rank (coati_ray/sync/)
         self.ptx: list[list[int]] = []
         if job.pretrain_file and job.objective.ptx_coef > 0:

@@ -17,7 +17,8 @@ class PPORank(RankWorker):
 
     stage = "ppo"
 
-    def _setup_common(self, update: UpdateSpec, tokenizer_path: str, dtype: str) -> dict[str, float]:
+    def _setup_common(self, update: UpdateSpec, tokenizer_path: str, dtype: str,
+                      packing: bool = False) -> dict[str, float]:
         from transformers import get_constant_schedule
 
         from coati_ray.models.loading import load_tokenizer
@@ -32,6 +33,9 @@ class PPORank(RankWorker):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.lr = lr = update.lr
         self.model, self.optimizer = self.strategy.prepare(model, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+        from coati_ray.models.heads import set_packing
+
+        set_packing(self.model, packing)  # --packing: padded experience runs packed (models/heads.py)
         # kept for the checkpoint format
         self.scheduler = get_constant_schedule(self.strategy.schedulable(self.optimizer))
         return {"params": params, "trainable_params": trainable, "lr": lr}

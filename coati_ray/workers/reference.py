@@ -8,7 +8,8 @@ from coati_ray.experience import Experience
 
 
 class ReferenceWorker:
-    def __init__(self, model_path: str, family: str = "auto", dtype: str = "fp32", num_threads: int = 1):
+    def __init__(self, model_path: str, family: str = "auto", dtype: str = "fp32", num_threads: int = 1,
+                 packing: bool = False):
         from coati_ray.models.loading import load_causal_lm
         from coati_ray.runtime import quiet_libraries
 
@@ -18,6 +19,9 @@ class ReferenceWorker:
         self.model = load_causal_lm(model_path, family, dtype).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        from coati_ray.models.heads import set_packing
+
+        set_packing(self.model, packing)  # --packing: padded rollouts run packed (models/heads.py)
 
     @torch.no_grad()
     def log_probs(self, exp: Experience, temperature: float = 1.0, micro_batch: int = 64) -> torch.Tensor:

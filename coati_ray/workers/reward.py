@@ -12,7 +12,7 @@ from coati_ray.rewards.sources import RemoteOptions, RewardSpec
 
 class RewardWorker:
     def __init__(self, specs: list[RewardSpec], family: str = "auto", dtype: str = "fp32", num_threads: int = 1,
-                 remote: RemoteOptions | None = None):
+                 remote: RemoteOptions | None = None, packing: bool = False):
         from coati_ray.rewards.sources import build_source
         from coati_ray.runtime import quiet_libraries
 
@@ -27,6 +27,9 @@ class RewardWorker:
             tok = load_tokenizer(rm.target)
             self.model = load_value_model(rm.target, family, dtype, pad_token_id=tok.pad_token_id).to(
                 self.device).eval()
+            from coati_ray.models.heads import set_packing
+
+            set_packing(self.model, packing)  # --packing: padded rollouts run packed (models/heads.py)
         self.sources = {s.name: build_source(s, remote or RemoteOptions(), self.model_score) for s in specs}
 
     @torch.no_grad()

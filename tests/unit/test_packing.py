@@ -124,3 +124,45 @@ def test_gpt2_pads_instead(tmp_path, tokenizer):
     assert not task.packing
     assert "not packed" in task.padding_report([])
     assert IGNORE_INDEX == -100
+
+
+def _rollout_batch(tokenizer):
+    """A PPO-shaped batch: left-padded prompts of different lengths, right-padded responses."""
+    prompts, responses = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18, 19]], [[20, 21, 22], [23], [24, 25]]
+    P, A = max(map(len, prompts)), max(map(len, responses))
+    seq = torch.full((3, P + A), tokenizer.pad_token_id)
+    mask = torch.zeros_like(seq)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq[i, P - len(p):P], mask[i, P - len(p):P] = torch.tensor(p), 1
+        seq[i, P:P + len(r)], mask[i, P:P + len(r)] = torch.tensor(r), 1
+    return seq, mask, A
+
+
+def test_padded_batches_run_packed_give_the_same_log_probs_values_and_gradients(micro_model, tokenizer):
+    from coati_ray.data.packing import pack_padded
+    from coati_ray.models.heads import action_log_probs, set_packing, token_values
+    from coati_ray.models.loading import load_causal_lm, load_value_model
+
+    seq, mask, A = _rollout_batch(tokenizer)
+    packed = pack_padded(seq, mask)
+    assert packed is not None and packed.batch["input_ids"].numel() < seq.numel()
+    assert pack_padded(seq[:1, -4:], mask[:1, -4:]) is None  # nothing to save: the padded forward runs
+    policy = load_causal_lm(micro_model)
+    action = mask[:, -A:].float()
+    lp_padded = action_log_probs(policy, seq, mask, A)
+    (lp_padded * action).sum().backward()
+    g_padded = _grads(policy)
+    policy.zero_grad()
+    set_packing(policy, True)
+    assert policy._coati_pack
+    lp_packed = action_log_probs(policy, seq, mask, A)
+    (lp_packed * action).sum().backward()
+    assert torch.allclose(lp_packed * action, lp_padded * action, atol=1e-5)
+    assert torch.allclose(_grads(policy), g_padded, rtol=1e-4, atol=1e-6)
+    critic = load_value_model(micro_model, pad_token_id=tokenizer.pad_token_id).eval()
+    with torch.no_grad():
+        v_padded = token_values(critic, seq, mask)
+        set_packing(critic, True)
+        v_packed = token_values(critic, seq, mask)
+    assert torch.allclose(v_packed * mask, v_padded * mask, atol=1e-5)
+    assert (v_packed[mask == 0] == 0).all()  # the padding's outputs are zeros, not another row's
