@@ -283,6 +283,11 @@ class RoleArgs:
     reward_gpus: float = _help("GPUs per reward actor.", default=0.0)
     critic_cpus: float = _help("CPUs per critic trainer actor.", default=1.0)
     critic_gpus: float = _help("GPUs per critic trainer actor.", default=0.0)
+    colocate: Literal["none", "rollout"] = _help(
+        "none: reference and reward models in their own actors (--ref_workers, --reward_workers), as rollout "
+        "scales apart from scoring on a cluster; rollout: each generator holds a reference model and the reward "
+        "sources in its own process and scores its rollouts there (two processes and their torch runtimes fewer "
+        "on one machine; the same samples and scores for a seed).", default="none")
     placement: Literal["auto", "nodes", "none"] = _help(
         "Node types per role (see cluster.yaml): 'nodes' puts generators, references and rewards on nodes "
         "with the --rollout_resource marker and trainers and critics on --trainer_resource nodes; 'auto' "
@@ -306,15 +311,25 @@ class RoleArgs:
                               f"from {', '.join(ROLES + ('trainer', 'buffer'))}; got {self.custom_resources}")
         return d
 
+    def scoring_actors(self) -> tuple[int, int]:
+        """(reference actors, reward actors) started: none when the generators score (--colocate rollout)."""
+        return (0, 0) if self.colocate == "rollout" else (self.ref_workers, self.reward_workers)
+
     def cpus(self) -> float:
         """CPUs the rollout-side roles and the critic reserve together."""
-        return (self.actors * self.generator_cpus + self.ref_workers * self.reference_cpus
-                + self.reward_workers * self.reward_cpus + self.critic_trainers * self.critic_cpus)
+        refs, rewards = self.scoring_actors()
+        return (self.actors * self.generator_cpus + refs * self.reference_cpus
+                + rewards * self.reward_cpus + self.critic_trainers * self.critic_cpus)
 
     def validate(self) -> None:
         _at_least(self, 0, "max_restarts")
         for name in ("actors", "ref_workers", "reward_workers", "critic_trainers"):
             _at_least(self, 1, name)
+        if self.colocate == "rollout":
+            for name in ("ref_workers", "reward_workers"):
+                if getattr(self, name) != 1:
+                    raise ConfigError(name, f"has no effect with --colocate rollout (each generator scores in its "
+                                      f"own process); got {getattr(self, name)}")
         for role in ROLES:
             if getattr(self, f"{role}_cpus") <= 0:
                 raise ConfigError(f"{role}_cpus", f"must be > 0, got {getattr(self, f'{role}_cpus')}")

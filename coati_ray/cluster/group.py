@@ -20,14 +20,16 @@ class TrainerGroup:
     worker_cls: type = TrainerWorker
 
     def __init__(self, num_trainers: int, cpus_per_trainer: float = 1.0, gpus_per_trainer: float = 0.0,
-                 local: bool = False, name_prefix: str = "trainer", resources: dict[str, float] | None = None):
+                 local: bool = False, name_prefix: str = "trainer", resources: dict[str, float] | None = None,
+                 connect: bool = True):
+        """Start the ranks' actors; `connect=False` returns before they are up (their processes start
+        while the caller starts other roles) and `connect()` then forms the process group."""
         self.n, self.local, self.name_prefix = num_trainers, local, name_prefix
         if local:
             if num_trainers != 1:
                 raise ValueError("local (in-process) mode runs exactly one trainer")
             self.workers: list[Any] = [self.worker_cls(0, 1, num_threads=int(cpus_per_trainer))]
             return
-        import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from coati_ray.cluster.placement import reserve_packed, trainer_bundles
@@ -42,8 +44,15 @@ class TrainerGroup:
                                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                                         self.pg, placement_group_bundle_index=rank))
                         for rank in range(num_trainers)]
-        addr, port = ray.get(self.workers[0].master_address.remote())
-        ray.get([w.init_process_group.remote(addr, port) for w in self.workers])
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
+        """Wait for the ranks' actors and form their torch.distributed group (rank 0 rendezvous)."""
+        if self.local:
+            return
+        addr, port = get_all([self.workers[0].master_address.remote()], self.labels("master_address")[:1])[0]
+        get_all([w.init_process_group.remote(addr, port) for w in self.workers], self.labels("init_process_group"))
 
     def _call_refs(self, method: str, *args, **kwargs) -> list[Any]:
         """Start `method` on every rank; the ObjectRefs of the results (nothing fetched)."""

@@ -91,7 +91,7 @@ def make_jobs(cfg: PPOConfig) -> PPOJobs:
         critic = CriticJob(model=model, critic_path=run.critic_pretrain or rm_path or policy_path,
                            tokenizer_path=policy_path,
                            update=update(run.critic_lr, PPO_PRESET_CRITIC_LR, PPO_PRETRAINED_CRITIC_LR),
-                           objective=obj, n_samples_per_prompt=ro.n_samples_per_prompt)
+                           objective=obj, n_samples_per_prompt=ro.n_samples_per_prompt, packing=cfg.data.packing)
     return PPOJobs(policy_path, rm_path, prompt_file, rollout, policy, critic, reward_specs)
 
 
@@ -108,15 +108,16 @@ def check_plan_fits(cfg: PPOConfig) -> None:
         return  # a cluster's nodes, not this machine, hold the actors (and it may autoscale)
     roles = cfg.roles
     critics = roles.critic_trainers if NEEDS_CRITIC[cfg.objective.advantage_estimator] else 0
-    processes = roles.actors + roles.ref_workers + roles.reward_workers + critics + cfg.cluster.trainers + 2
+    n_refs, n_rewards = roles.scoring_actors()
+    processes = roles.actors + n_refs + n_rewards + critics + cfg.cluster.trainers + 2
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     need_gb = processes * PROCESS_GB
     if 0.7 * memory_gb < need_gb <= memory_gb:
         logger.warning("%d actor processes need about %.0f GB of this machine's %.0f GB: close to what it has",
                        processes, need_gb, memory_gb)
     if need_gb > memory_gb:
-        raise ConfigError("actors", f"{processes} actor processes ({roles.actors} generators, {roles.ref_workers} "
-                          f"reference, {roles.reward_workers} reward, {critics} critic, {cfg.cluster.trainers} "
+        raise ConfigError("actors", f"{processes} actor processes ({roles.actors} generators, {n_refs} "
+                          f"reference, {n_rewards} reward, {critics} critic, {cfg.cluster.trainers} "
                           f"trainer, buffer, control) need about {processes * PROCESS_GB:.0f} GB ({PROCESS_GB} GB "
                           f"each) but this machine has {memory_gb:.0f} GB; lower --actors or the other counts, "
                           "or join a cluster with --address")
@@ -215,32 +216,45 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
     restart = {"max_restarts": roles.max_restarts, "max_task_retries": -1}
     control = start_actor(JobControl, "control", (Path(cfg.run.save_path).name,), num_cpus=0,
                           resources=res.get("control"))
-    refs = [start_actor(ReferenceWorker, f"reference-{i}", (jobs.policy_path, fam, dt, int(roles.reference_cpus)),
+    ref_args = (jobs.policy_path, fam, dt, int(roles.reference_cpus), cfg.data.packing)
+    reward_args = (jobs.reward_specs, fam, dt, int(roles.reward_cpus), cfg.reward.remote_options(),
+                   cfg.data.packing)
+    n_refs, n_rewards = roles.scoring_actors()  # none with --colocate rollout: the generators score
+    refs = [start_actor(ReferenceWorker, f"reference-{i}", ref_args,
                         roles.reference_cpus, roles.reference_gpus, res.get("reference"), **restart)
-            for i in range(roles.ref_workers)]
-    reward_args = (jobs.reward_specs, fam, dt, int(roles.reward_cpus), cfg.reward.remote_options())
+            for i in range(n_refs)]
     rewards = [start_actor(RewardWorker, f"reward-{i}", reward_args,
                            roles.reward_cpus, roles.reward_gpus, res.get("reward"), **restart)
-               for i in range(roles.reward_workers)]
+               for i in range(n_rewards)]
+    scorers = None if refs else (ref_args, reward_args)  # built inside each generator
 
     def start_generator(i: int):
         # The buffer, not Ray, issues a dead generator's chunk again (to whichever generator is free).
-        args = (i, jobs.rollout, refs, rewards, int(roles.generator_cpus))
+        args = (i, jobs.rollout, refs, rewards, int(roles.generator_cpus), scorers)
         return start_actor(GeneratorWorker, f"generator-{i}", args,
                            max_restarts=roles.max_restarts if sync_cls.restartable_generators else 0,
                            max_task_retries=0, **generator_placement(cfg, res.get("generator")))
 
     gens = {i: start_generator(i) for i in range(roles.actors)}
-    # Wait until every generator is constructed: a failing constructor surfaces here, clearly.
-    get_unwrapped([g.weight_version.remote() for g in gens.values()])
+    # The trainer groups' processes start while the generators load (start-up is mostly imports and loads,
+    # which overlap); then every constructor is waited for, and a failing one surfaces here, clearly.
+    policy = PolicyGroup(cluster.trainers, cluster.cpus_per_trainer or 1.0, cluster.gpus_per_trainer,
+                         name_prefix="trainer", resources=res.get("trainer"), connect=False)
+    critic = CriticGroup(roles.critic_trainers, roles.critic_cpus, roles.critic_gpus, name_prefix="critic",
+                         resources=res.get("critic"), connect=False) if jobs.critic else None
     plan = StepPlan(n_prompts, cfg.rollout.experience_batch_size, cfg.rollout.n_samples_per_prompt, cfg.run.seed)
     buffer = start_actor(ReplayBuffer, "buffer-0", (cfg.buffer_capacity(), plan, gens), num_cpus=0,
                          resources=res.get("buffer"), max_concurrency=ReplayBuffer.MAX_CONCURRENCY)
-    policy = PolicyGroup(cluster.trainers, cluster.cpus_per_trainer or 1.0, cluster.gpus_per_trainer,
-                         name_prefix="trainer", resources=res.get("trainer"))
-    critic = CriticGroup(roles.critic_trainers, roles.critic_cpus, roles.critic_gpus, name_prefix="critic",
-                         resources=res.get("critic")) if jobs.critic else None
-    return Roles(buffer, control, refs, rewards, gens, policy, critic, start_generator, sync_cls(policy))
+    roles_up = Roles(buffer, control, refs, rewards, gens, policy, critic, start_generator, sync_cls(policy))
+    try:
+        get_unwrapped([g.weight_version.remote() for g in gens.values()])
+        for group in (policy, critic):
+            if group is not None:
+                group.connect()
+    except BaseException:  # nothing is left holding CPUs or placement groups in a shared Ray
+        roles_up.shutdown()
+        raise
+    return roles_up
 
 
 def scale_generators(actors: Roles, target: int | None) -> None:

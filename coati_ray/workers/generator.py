@@ -43,7 +43,11 @@ logger = logging.getLogger(__name__)
 
 
 class GeneratorWorker:
-    def __init__(self, index: int, job: RolloutJob, references: list, rewards: list, num_threads: int = 1):
+    def __init__(self, index: int, job: RolloutJob, references: list, rewards: list, num_threads: int = 1,
+                 scorers: tuple | None = None):
+        """`references` / `rewards`: actor handles to score with; or, with `scorers` = (ReferenceWorker
+        arguments, RewardWorker arguments) and no handles, both built here and called in this process
+        (--colocate rollout)."""
         from coati_ray.data.formatting import render_prompt
         from coati_ray.data.loading import load_rows, prompt_columns
         from coati_ray.models.loading import load_tokenizer
@@ -52,8 +56,15 @@ class GeneratorWorker:
         quiet_libraries()
         torch.set_num_threads(max(1, num_threads))
         self.index, self.job = index, job
-        self.reference = references[index % len(references)]
-        self.reward = rewards[index % len(rewards)]
+        self.local_scoring = not references
+        if self.local_scoring:  # --colocate rollout: the same classes, in this process
+            from coati_ray.workers.reference import ReferenceWorker
+            from coati_ray.workers.reward import RewardWorker
+
+            self.reference, self.reward = ReferenceWorker(*scorers[0]), RewardWorker(*scorers[1])
+        else:
+            self.reference = references[index % len(references)]
+            self.reward = rewards[index % len(rewards)]
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = load_tokenizer(job.policy_path)
         loaded = load_rows(job.prompt_file, prompt_columns(job.data.keys()), job.data.skip_bad_rows)
@@ -169,11 +180,13 @@ class GeneratorWorker:
         out = self.backend.generate(ids, params)
         exp = self._to_experience(ids, out, sample_ids, each)
         t = time.perf_counter()
-        # the reference and the reward actor read the rollout from the object store (not via the driver)
-        rollout_ref = ray.put(exp)
         batch = self._reward_batch(exp, out, sample_ids, each)
-        ref_lp, scores = ray.get([self.reference.log_probs.remote(rollout_ref, ro.temperature),
-                                  self.reward.score.remote(rollout_ref, batch)])
+        if self.local_scoring:
+            ref_lp, scores = self.reference.log_probs(exp, ro.temperature), self.reward.score(exp, batch)
+        else:  # the reference and the reward actor read the rollout from the object store (not via the driver)
+            rollout_ref = ray.put(exp)
+            ref_lp, scores = ray.get([self.reference.log_probs.remote(rollout_ref, ro.temperature),
+                                      self.reward.score.remote(rollout_ref, batch)])
         total = weighted_total(scores, self.reward_specs)  # (B,)
         if obj.overlong_buffer:  # DAPO eq. 13: the length shaping is part of the score
             scores["overlong"] = overlong_penalty(exp.action_mask.sum(1), ro.max_new_tokens, obj.overlong_buffer,

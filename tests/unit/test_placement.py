@@ -49,3 +49,14 @@ def test_an_episode_visits_every_prompt_once_in_a_seeded_order():
     assert step_prompts(spe, n, b, seed=1) != step_prompts(0, n, b, seed=1)  # reshuffled next episode
     assert step_prompts(2, n, b, seed=1) == step_prompts(2, n, b, seed=1)
     assert step_prompts(2, n, b, seed=1) != step_prompts(2, n, b, seed=2)
+
+
+def test_colocated_rollout_starts_no_scoring_actors_and_refuses_their_counts():
+    from coati_ray.errors import ConfigError
+
+    apart, together = RoleArgs(actors=2), RoleArgs(actors=2, colocate="rollout")
+    assert apart.scoring_actors() == (1, 1) and together.scoring_actors() == (0, 0)
+    assert apart.cpus() == 2 + 1 + 1 + 1 and together.cpus() == 2 + 1  # generators + critic only
+    together.validate()
+    with pytest.raises(ConfigError, match="--ref_workers: has no effect with --colocate rollout"):
+        RoleArgs(colocate="rollout", ref_workers=2).validate()
