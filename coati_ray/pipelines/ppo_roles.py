@@ -216,9 +216,13 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
     restart = {"max_restarts": roles.max_restarts, "max_task_retries": -1}
     control = start_actor(JobControl, "control", (Path(cfg.run.save_path).name,), num_cpus=0,
                           resources=res.get("control"))
-    ref_args = (jobs.policy_path, fam, dt, int(roles.reference_cpus), cfg.data.packing)
-    reward_args = (jobs.reward_specs, fam, dt, int(roles.reward_cpus), cfg.reward.remote_options(),
-                   cfg.data.packing)
+
+    def scoring_args(ref_threads: int, reward_threads: int) -> tuple[tuple, tuple]:
+        """ReferenceWorker's and RewardWorker's arguments (their constructors set their process's threads)."""
+        return ((jobs.policy_path, fam, dt, ref_threads, cfg.data.packing),
+                (jobs.reward_specs, fam, dt, reward_threads, cfg.reward.remote_options(), cfg.data.packing))
+
+    ref_args, reward_args = scoring_args(int(roles.reference_cpus), int(roles.reward_cpus))
     n_refs, n_rewards = roles.scoring_actors()  # none with --colocate rollout: the generators score
     refs = [start_actor(ReferenceWorker, f"reference-{i}", ref_args,
                         roles.reference_cpus, roles.reference_gpus, res.get("reference"), **restart)
@@ -226,7 +230,8 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
     rewards = [start_actor(RewardWorker, f"reward-{i}", reward_args,
                            roles.reward_cpus, roles.reward_gpus, res.get("reward"), **restart)
                for i in range(n_rewards)]
-    scorers = None if refs else (ref_args, reward_args)  # built inside each generator
+    # --colocate rollout: both built inside each generator, at the generator's threads
+    scorers = None if refs else scoring_args(int(roles.generator_cpus), int(roles.generator_cpus))
 
     def start_generator(i: int):
         # The buffer, not Ray, issues a dead generator's chunk again (to whichever generator is free).
