@@ -11,7 +11,8 @@ preset, ~3.7M parameters; `small`: hidden 512, 16 layers, ~51.6M), a reward mode
 with a seeded scalar head that also starts the value model, P chat-formatted demo prompts per step,
 exactly K sampled tokens per response (EOS ignored: coati_ray's --ignore_eos, TRL's stop_token None
 with an unsampleable pad), 1 PPO epoch of 1 minibatch, fp32, GAE (gamma 1, lambda 0.95), k1 KL 0.05.
-Runs alternate TRL, coati_ray, TRL, coati_ray, ... so that both see the same machine state.
+Runs alternate TRL, coati_ray, TRL, coati_ray, ... so that both see the same machine state (coati_ray's
+configurations in reverse order every other round).
 
 Checked, and printed: every step of both gets the same prompt token ids (the coati_ray prompts file
 is written in the order its seeded step plan reads it, and the ids are recomputed with coati_ray's
@@ -51,6 +52,7 @@ VARIANTS = {  # the llama preset (coati_ray/presets.py); prompts per step, new t
 CONFIGS = {
     "on_policy": [],
     "colocated": ["--colocate", "rollout"],
+    "unpacked": ["--no_packing"],
     "staleness1": ["--max_staleness", "1"],
     "actors2": ["--actors", "2"],
 }
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             runs["trl"].append(run_trl(variant, policy, reward, tmp, r, args.timeout_s))
             print(f"  round {r + 1} trl: {runs['trl'][-1]['samples_per_s']} samples/s, "
                   f"{runs['trl'][-1]['run_s']} s, {runs['trl'][-1]['peak_pss_mb']:.0f} MB", flush=True)
-            for c in args.configs.split(","):
+            configs = args.configs.split(",")
+            for c in configs if r % 2 == 0 else configs[::-1]:  # alternate the order: no config always runs first
                 runs[c].append(run_coati(variant, c, policy, reward, prompts, tmp, r, args.timeout_s,
                                          args.coati_flags.split()))
                 print(f"  round {r + 1} coati_ray {c}: {runs[c][-1]['samples_per_s']} samples/s, "
