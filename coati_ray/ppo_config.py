@@ -284,10 +284,8 @@ class RoleArgs:
     critic_cpus: float = _help("CPUs per critic trainer actor.", default=1.0)
     critic_gpus: float = _help("GPUs per critic trainer actor.", default=0.0)
     colocate: Literal["none", "rollout"] = _help(
-        "none: reference and reward models in their own actors (--ref_workers, --reward_workers), as rollout "
-        "scales apart from scoring on a cluster; rollout: each generator holds a reference model and the reward "
-        "sources in its own process and scores its rollouts there (two processes and their torch runtimes fewer "
-        "on one machine; the same samples and scores for a seed).", default="none")
+        "none: reference and reward actors (--ref_workers, --reward_workers); rollout: each generator scores in its "
+        "own process (two torch processes fewer on one machine; the same samples for a seed).", default="none")
     placement: Literal["auto", "nodes", "none"] = _help(
         "Node types per role (see cluster.yaml): 'nodes' puts generators, references and rewards on nodes "
         "with the --rollout_resource marker and trainers and critics on --trainer_resource nodes; 'auto' "
@@ -325,11 +323,10 @@ class RoleArgs:
         _at_least(self, 0, "max_restarts")
         for name in ("actors", "ref_workers", "reward_workers", "critic_trainers"):
             _at_least(self, 1, name)
-        if self.colocate == "rollout":
-            for name in ("ref_workers", "reward_workers"):
-                if getattr(self, name) != 1:
-                    raise ConfigError(name, f"has no effect with --colocate rollout (each generator scores in its "
-                                      f"own process); got {getattr(self, name)}")
+        for name in ("ref_workers", "reward_workers") if self.colocate == "rollout" else ():
+            if getattr(self, name) != 1:
+                raise ConfigError(name, f"has no effect with --colocate rollout (each generator scores in its own "
+                                  f"process); got {getattr(self, name)}")
         for role in ROLES:
             if getattr(self, f"{role}_cpus") <= 0:
                 raise ConfigError(f"{role}_cpus", f"must be > 0, got {getattr(self, f'{role}_cpus')}")
