@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from coati_ray.data.formatting import IGNORE_INDEX
+
 # model_type values whose forward honours position_ids and a 4-D boolean attention mask
 PACKABLE = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"})
 

@@ -68,6 +68,10 @@ class Task:
         """The lengths of the sequences an item contributes to a micro-batch."""
         return [len(item.input_ids)]
 
+    def _row_tokens(self, items: list[Any]) -> int:
+        """Packed rows' width: --max_len, or the longest sequence when one is longer."""
+        return max(self.data_args.max_len, *(n for it in items for n in self.lengths(it)))
+
     def padding_report(self, micro_batches: list[list[Any]]) -> str:
         """'padding 61% of positions -> 3% packed' over the given micro-batches (for the start-up log)."""
         lengths = [[n for it in mb for n in self.lengths(it)] for mb in micro_batches if mb]
@@ -169,9 +173,6 @@ class SFTTask(Task):
                         labels=[x.labels for x in items])
         return fmt.collate_sft(items, self.tokenizer.pad_token_id)
 
-    def _row_tokens(self, items) -> int:
-        return max(self.data_args.max_len, *(n for it in items for n in self.lengths(it)))
-
     def _token_nll(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         kw = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits  # (B, T, V)
@@ -221,7 +222,7 @@ class RMTask(Task):
     def collate(self, items):
         if self.packing:  # chosen first, then rejected, as collate_pairs orders them
             seqs = [x.chosen for x in items] + [x.rejected for x in items]
-            return pack(seqs, self.tokenizer.pad_token_id, max(self.data_args.max_len, *map(len, seqs)))
+            return pack(seqs, self.tokenizer.pad_token_id, self._row_tokens(items))
         return fmt.collate_pairs(items, self.tokenizer.pad_token_id)
 
     def _rewards(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
