@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -91,39 +90,11 @@ def part_step(rounds: int, steps: int, batch: int) -> dict:
     return res
 
 
-class TreePSS:
-    """Peak PSS (MB) of this process and all its descendants, sampled every `every` seconds."""
-
-    def __init__(self, every: float = 0.5):
-        self.every, self.peak, self._stop = every, 0.0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self._stop.wait(self.every):
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_full_info().pss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.peak = max(self.peak, total / 2 ** 20)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join(timeout=10)
-
-
 def part_demo(seeds: list[int]) -> dict:
     from coati_ray.config import ClusterArgs
     from coati_ray.pipelines.demo import DemoArgs, finish_dpo, finish_ppo
     from coati_ray.pipelines.demo_models import train_reward_model, train_stage12
+    from coati_ray.testing.memory import TreeMemory
 
     rows = []
     for seed in seeds:
@@ -131,10 +102,10 @@ def part_demo(seeds: list[int]) -> dict:
         a, cluster = DemoArgs(seed=seed, out=str(out)), ClusterArgs()
         t0 = time.perf_counter()
         st = train_stage12(a, out, cluster, reward_model=False)
-        with TreePSS() as mem_dpo:
+        with TreeMemory(os.getpid(), every_s=0.5) as mem_dpo:
             t1 = time.perf_counter()
             d = finish_dpo(a, out, cluster, st, t0, t1)
-        with TreePSS() as mem_ppo:
+        with TreeMemory(os.getpid(), every_s=0.5) as mem_ppo:
             t2 = time.perf_counter()
             st_rm = train_reward_model(a, out, cluster, st)
             p = finish_ppo(a, out, st_rm, t0, time.perf_counter())
@@ -143,7 +114,7 @@ def part_demo(seeds: list[int]) -> dict:
                      "gold_ppo": p["gold"]["ppo"], "dpo_s": d["dpo"]["seconds"], "rm_ppo_s": round(t_ppo, 1),
                      "dpo_reference_s": round(d["dpo"]["reference_seconds"], 1),
                      "dpo_accuracy": d["dpo"]["eval_accuracy"], "rm_accuracy": p["rm"]["eval_accuracy"],
-                     "peak_pss_mb_dpo": round(mem_dpo.peak), "peak_pss_mb_rm_ppo": round(mem_ppo.peak),
+                     "peak_pss_mb_dpo": round(mem_dpo.peak_mb), "peak_pss_mb_rm_ppo": round(mem_ppo.peak_mb),
                      "sft_s": round(st["t_sft"], 1)})
         print(json.dumps(rows[-1]), flush=True)
     return {"seeds": rows}
