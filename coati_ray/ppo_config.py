@@ -283,9 +283,10 @@ class RoleArgs:
     reward_gpus: float = _help("GPUs per reward actor.", default=0.0)
     critic_cpus: float = _help("CPUs per critic trainer actor.", default=1.0)
     critic_gpus: float = _help("GPUs per critic trainer actor.", default=0.0)
-    colocate: Literal["none", "rollout"] = _help(
+    colocate: Literal["none", "rollout", "all"] = _help(
         "none: reference and reward actors (--ref_workers, --reward_workers); rollout: each generator scores in its "
-        "own process (two torch processes fewer on one machine; the same samples for a seed).", default="none")
+        "own process; all: one process per trainer rank holds policy, critic, generator, reference and reward "
+        "(the generator samples with the trainer's module). The same samples for a seed.", default="none")
     placement: Literal["auto", "nodes", "none"] = _help(
         "Node types per role (see cluster.yaml): 'nodes' puts generators, references and rewards on nodes "
         "with the --rollout_resource marker and trainers and critics on --trainer_resource nodes; 'auto' "
@@ -298,7 +299,6 @@ class RoleArgs:
 
     def resources(self) -> dict[str, dict[str, float]]:
         import json
-
         try:
             d = json.loads(self.custom_resources)
         except json.JSONDecodeError as e:
@@ -310,23 +310,23 @@ class RoleArgs:
         return d
 
     def scoring_actors(self) -> tuple[int, int]:
-        """(reference actors, reward actors) started: none when the generators score (--colocate rollout)."""
-        return (0, 0) if self.colocate == "rollout" else (self.ref_workers, self.reward_workers)
+        """(reference actors, reward actors) started: none when the generators score (--colocate rollout, all)."""
+        return (0, 0) if self.colocate != "none" else (self.ref_workers, self.reward_workers)
 
     def cpus(self) -> float:
-        """CPUs the rollout-side roles and the critic reserve together."""
+        """CPUs the rollout-side roles and the critic reserve together (none: --colocate all's are the trainers')."""
         refs, rewards = self.scoring_actors()
-        return (self.actors * self.generator_cpus + refs * self.reference_cpus
-                + rewards * self.reward_cpus + self.critic_trainers * self.critic_cpus)
+        return (self.colocate != "all") * (self.actors * self.generator_cpus + refs * self.reference_cpus
+                                           + rewards * self.reward_cpus + self.critic_trainers * self.critic_cpus)
 
     def validate(self) -> None:
         _at_least(self, 0, "max_restarts")
         for name in ("actors", "ref_workers", "reward_workers", "critic_trainers"):
             _at_least(self, 1, name)
-        for name in ("ref_workers", "reward_workers") if self.colocate == "rollout" else ():
+        for name in ("ref_workers", "reward_workers") if self.colocate != "none" else ():
             if getattr(self, name) != 1:
-                raise ConfigError(name, f"has no effect with --colocate rollout (each generator scores in its own "
-                                  f"process); got {getattr(self, name)}")
+                raise ConfigError(name, f"has no effect with --colocate {self.colocate} (each generator scores in its "
+                                  f"own process); got {getattr(self, name)}")
         for role in ROLES:
             if getattr(self, f"{role}_cpus") <= 0:
                 raise ConfigError(f"{role}_cpus", f"must be > 0, got {getattr(self, f'{role}_cpus')}")

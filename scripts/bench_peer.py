@@ -53,6 +53,7 @@ VARIANTS = {  # the llama preset (coati_ray/presets.py); prompts per step, new t
 CONFIGS = {
     "on_policy": [],
     "colocated": ["--colocate", "rollout"],
+    "hybrid": ["--colocate", "all", "--cpus_per_trainer", "2"],
     "unpacked": ["--no_packing"],
     "staleness1": ["--max_staleness", "1"],
     "actors2": ["--actors", "2"],

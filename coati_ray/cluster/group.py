@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 class TrainerGroup:
     worker_cls: type = TrainerWorker
+    method_prefix = ""  # a group living in another group's actors calls its methods by this prefix
+    owns_actors = True
 
     def __init__(self, num_trainers: int, cpus_per_trainer: float = 1.0, gpus_per_trainer: float = 0.0,
                  local: bool = False, name_prefix: str = "trainer", resources: dict[str, float] | None = None,
@@ -47,20 +49,30 @@ class TrainerGroup:
         if connect:
             self.connect()
 
+    @classmethod
+    def inside(cls, owner: TrainerGroup, method_prefix: str, name_prefix: str) -> TrainerGroup:
+        """A group whose ranks live in `owner`'s actors (rank r in owner's rank r, --colocate all):
+        its calls go to `<method_prefix><method>`, it shares the owner's process group, and the
+        owner's shutdown ends it."""
+        group = cls.__new__(cls)
+        group.n, group.local, group.name_prefix, group.workers = owner.n, owner.local, name_prefix, owner.workers
+        group.method_prefix, group.owns_actors = method_prefix, False
+        return group
+
     def connect(self) -> None:
         """Wait for the ranks' actors and form their torch.distributed group (rank 0 rendezvous)."""
-        if self.local:
+        if self.local or not self.owns_actors:
             return
         addr, port = get_all([self.workers[0].master_address.remote()], self.labels("master_address")[:1])[0]
         get_all([w.init_process_group.remote(addr, port) for w in self.workers], self.labels("init_process_group"))
 
     def _call_refs(self, method: str, *args, **kwargs) -> list[Any]:
         """Start `method` on every rank; the ObjectRefs of the results (nothing fetched)."""
-        return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+        return [getattr(w, self.method_prefix + method).remote(*args, **kwargs) for w in self.workers]
 
     def _call(self, method: str, *args, **kwargs) -> list[Any]:
         if self.local:
-            return [getattr(w, method)(*args, **kwargs) for w in self.workers]
+            return [getattr(w, self.method_prefix + method)(*args, **kwargs) for w in self.workers]
         return get_all(self._call_refs(method, *args, **kwargs), self.labels(method))
 
     def labels(self, method: str) -> list[str]:
@@ -115,6 +127,8 @@ class TrainerGroup:
         return self._call("peak_memory_mb")
 
     def shutdown(self) -> None:
+        if not self.owns_actors:
+            return
         if self.local:
             for w in self.workers:
                 w.shutdown()

@@ -6,6 +6,8 @@
     critic-i      CriticWorker        one torch.distributed group (--critic_trainers)
     trainer-i     PolicyWorker        one torch.distributed group (--trainers)
     buffer-0      ReplayBuffer        bounded queue of experience references
+
+With --colocate all, trainer-i is a HybridWorker holding critic rank i and generator-i as well.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from coati_ray.engines.generation import WeightUpdate
 from coati_ray.experience import Experience
 from coati_ray.runtime import get_all, get_unwrapped, wait_each
 from coati_ray.workers.critic import CriticWorker
+from coati_ray.workers.hybrid import CRITIC_PREFIX, HybridWorker
 from coati_ray.workers.job import CriticJob, PolicyJob
 from coati_ray.workers.policy import PolicyTrainOut, PolicyWorker
 
@@ -88,4 +91,24 @@ class CriticGroup(TrainerGroup):
         return get_all(futures, self.labels("train_values"))[0]
 
 
-__all__ = ["CriticGroup", "Experience", "PolicyGroup", "WeightUpdate"]
+class HybridGroup(PolicyGroup):
+    """The policy ranks of --colocate all: each also holds a critic rank (`critic_group()`) and a
+    generator (`start_generators`) in its process (workers/hybrid.py)."""
+
+    worker_cls = HybridWorker
+
+    def start_generators(self, job, scorers: tuple) -> dict[int, Any]:
+        """Rank r builds generator-r (prompts, reference, reward); `connect` waits for them. The
+        handles are the ranks' actors: the buffer calls their `rollout` like a generator's."""
+        self._generators = [w.start_generator.remote(r, job, scorers) for r, w in enumerate(self.workers)]
+        return dict(enumerate(self.workers))
+
+    def critic_group(self) -> CriticGroup:
+        return CriticGroup.inside(self, CRITIC_PREFIX, "critic")
+
+    def connect(self) -> None:
+        super().connect()
+        get_all(getattr(self, "_generators", []), [f"generator-{r}.start" for r in range(self.n)])
+
+
+__all__ = ["CriticGroup", "Experience", "HybridGroup", "PolicyGroup", "WeightUpdate"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coati_ray.algos.advantages import NEEDS_CRITIC
-from coati_ray.cluster.ppo_groups import CriticGroup, PolicyGroup
+from coati_ray.cluster.ppo_groups import CriticGroup, HybridGroup, PolicyGroup
 from coati_ray.defaults import demo_file
 from coati_ray.errors import ConfigError, DataError, ModelLoadError
 from coati_ray.ppo_config import (
@@ -27,6 +27,7 @@ from coati_ray.ppo_config import (
 from coati_ray.runtime import get_unwrapped, start_actor
 from coati_ray.sync import transport_class
 from coati_ray.sync.base import WeightSync
+from coati_ray.sync.shared import SharedModuleSync
 from coati_ray.workers.job import CriticJob, PolicyJob, RolloutJob, UpdateSpec
 
 logger = logging.getLogger(__name__)
@@ -104,12 +105,14 @@ def check_plan_fits(cfg: PPOConfig) -> None:
     much the actors share the cores when they ask for more CPUs than it has."""
     import os
 
+    check_colocate_all(cfg)
     if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
         return  # a cluster's nodes, not this machine, hold the actors (and it may autoscale)
     roles = cfg.roles
     critics = roles.critic_trainers if NEEDS_CRITIC[cfg.objective.advantage_estimator] else 0
     n_refs, n_rewards = roles.scoring_actors()
-    processes = roles.actors + n_refs + n_rewards + critics + cfg.cluster.trainers + 2
+    apart = roles.colocate != "all"  # --colocate all: the trainer ranks' processes hold generators and critics
+    processes = (roles.actors + critics) * apart + n_refs + n_rewards + cfg.cluster.trainers + 2
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     need_gb = processes * PROCESS_GB
     if 0.7 * memory_gb < need_gb <= memory_gb:
@@ -127,6 +130,21 @@ def check_plan_fits(cfg: PPOConfig) -> None:
         logger.warning("the roles reserve %g CPUs on this %d-core machine: %d actor processes share the cores "
                        "(%.1f CPUs reserved per core), so each runs slower than alone", cpus, cores, processes,
                        cpus / cores)
+
+
+def check_colocate_all(cfg: PPOConfig) -> None:
+    """--colocate all puts generator-r and critic rank r in trainer rank r's process, sampling with its module."""
+    roles, cluster, ro = cfg.roles, cfg.cluster, cfg.rollout
+    if roles.colocate != "all":
+        return
+    for flag, got, want in (("actors", roles.actors, cluster.trainers),
+                            ("critic_trainers", roles.critic_trainers, cluster.trainers),
+                            ("generator_backend", ro.generator_backend, "hf"), ("strategy", cfg.run.strategy, "ddp")):
+        if got != want:
+            why = "each trainer rank generates" if flag == "actors" else \
+                "each trainer rank holds its critic rank" if flag == "critic_trainers" else \
+                "the generator samples with the trainer's own (unsharded) module"
+            raise ConfigError(flag, f"--colocate all needs {want} ({why}); got {got}")
 
 
 def count_prompts(jobs: PPOJobs) -> int:
@@ -240,13 +258,20 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
                            max_restarts=roles.max_restarts if sync_cls.restartable_generators else 0,
                            max_task_retries=0, **generator_placement(cfg, res.get("generator")))
 
-    gens = {i: start_generator(i) for i in range(roles.actors)}
-    # The trainer groups' processes start while the generators load (start-up is mostly imports and loads,
-    # which overlap); then every constructor is waited for, and a failing one surfaces here, clearly.
-    policy = PolicyGroup(cluster.trainers, cluster.cpus_per_trainer or 1.0, cluster.gpus_per_trainer,
-                         name_prefix="trainer", resources=res.get("trainer"), connect=False)
-    critic = CriticGroup(roles.critic_trainers, roles.critic_cpus, roles.critic_gpus, name_prefix="critic",
-                         resources=res.get("critic"), connect=False) if jobs.critic else None
+    if roles.colocate == "all":  # trainer rank r's process also holds generator-r and critic rank r
+        policy = HybridGroup(cluster.trainers, cluster.cpus_per_trainer or 1.0, cluster.gpus_per_trainer,
+                             name_prefix="trainer", resources=res.get("trainer"), connect=False)
+        critic = policy.critic_group() if jobs.critic else None
+        gens = policy.start_generators(jobs.rollout, scoring_args(*[int(cluster.cpus_per_trainer or 1)] * 2))
+        sync_cls = SharedModuleSync
+    else:
+        gens = {i: start_generator(i) for i in range(roles.actors)}
+        # The trainer groups' processes start while the generators load (start-up is mostly imports and
+        # loads, which overlap); then every constructor is waited for, and a failing one surfaces here.
+        policy = PolicyGroup(cluster.trainers, cluster.cpus_per_trainer or 1.0, cluster.gpus_per_trainer,
+                             name_prefix="trainer", resources=res.get("trainer"), connect=False)
+        critic = CriticGroup(roles.critic_trainers, roles.critic_cpus, roles.critic_gpus, name_prefix="critic",
+                             resources=res.get("critic"), connect=False) if jobs.critic else None
     plan = StepPlan(n_prompts, cfg.rollout.experience_batch_size, cfg.rollout.n_samples_per_prompt, cfg.run.seed)
     buffer = start_actor(ReplayBuffer, "buffer-0", (cfg.buffer_capacity(), plan, gens), num_cpus=0,
                          resources=res.get("buffer"), max_concurrency=ReplayBuffer.MAX_CONCURRENCY)

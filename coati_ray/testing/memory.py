@@ -7,7 +7,8 @@ import threading
 from typing import Any
 
 ROLE_NAMES = {"GeneratorWorker": "generator", "ReferenceWorker": "reference", "RewardWorker": "reward",
-              "CriticWorker": "critic", "PolicyWorker": "trainer", "ReplayBuffer": "buffer", "JobControl": "control"}
+              "CriticWorker": "critic", "PolicyWorker": "trainer", "HybridWorker": "trainer (every role)",
+              "ReplayBuffer": "buffer", "JobControl": "control"}
 
 
 def role_of(proc) -> str:

@@ -44,10 +44,11 @@ logger = logging.getLogger(__name__)
 
 class GeneratorWorker:
     def __init__(self, index: int, job: RolloutJob, references: list, rewards: list, num_threads: int = 1,
-                 scorers: tuple | None = None):
+                 scorers: tuple | None = None, share_policy: bool = False):
         """`references` / `rewards`: actor handles to score with; or, with `scorers` = (ReferenceWorker
         arguments, RewardWorker arguments) and no handles, both built here and called in this process
-        (--colocate rollout)."""
+        (--colocate rollout). `share_policy`: no engine of its own; the trainer rank that holds this
+        generator sets `backend` to one over its module (--colocate all, workers/hybrid.py)."""
         from coati_ray.data.formatting import render_prompt
         from coati_ray.data.loading import load_rows, prompt_columns
         from coati_ray.models.loading import load_tokenizer
@@ -75,13 +76,12 @@ class GeneratorWorker:
         ro = job.rollout
         self.max_prompt = max(8, job.data.max_len - ro.max_new_tokens)
         self.prompt_ids: dict[int, list[int]] = {}
-        self.backend = make_backend(ro.generator_backend, job.policy_path, job.model.model, job.model.dtype,
-                                    job.lora, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.device,
-                                    job.seed, max_model_len=job.data.max_len,
-                                    vllm_options={"tensor_parallel_size": ro.vllm_tensor_parallel_size,
-                                                  "gpu_memory_utilization": ro.vllm_gpu_memory_utilization,
-                                                  "enforce_eager": ro.vllm_enforce_eager,
-                                                  "engine_options": job.engine_options})
+        vllm = {"tensor_parallel_size": ro.vllm_tensor_parallel_size, "enforce_eager": ro.vllm_enforce_eager,
+                "gpu_memory_utilization": ro.vllm_gpu_memory_utilization, "engine_options": job.engine_options}
+        self.backend = None if share_policy else make_backend(
+            ro.generator_backend, job.policy_path, job.model.model, job.model.dtype, job.lora,
+            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.device, job.seed,
+            max_model_len=job.data.max_len, vllm_options=vllm)
         self.version = 0
         self.rollouts = 0
 

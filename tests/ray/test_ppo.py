@@ -144,15 +144,38 @@ def test_a_generator_that_cannot_start_leaves_no_actor_or_placement_group(models
     assert live_pgs() == before
 
 
-def test_colocated_rollout_scores_in_the_generator_with_the_same_samples(models, tmp_path):
-    """--colocate rollout: no reference or reward actors; each generator scores in its own process.
-    The same seed gives the same samples, reference log-probs (KL) and rewards as separate actors."""
-    apart = ppo(models, tmp_path / "apart", max_steps=2)
-    together = ppo(models, tmp_path / "together", max_steps=2, colocate="rollout")
-    assert {"reference-0", "reward-0"} <= set(apart.placement)
-    assert not {"reference-0", "reward-0"} & set(together.placement)
+@pytest.fixture(scope="module")
+def apart_run(models, tmp_path_factory):
+    """Two on-policy steps with every role its own actor: what the colocated modes must reproduce."""
+    return ppo(models, tmp_path_factory.mktemp("apart") / "apart", max_steps=2)
+
+
+def assert_same_samples(apart, together):
     assert together.made_ids == apart.made_ids
-    for a, b in zip(apart.history, together.history):
+    for a, b in zip(apart.history, together.history, strict=True):
         assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=1e-6)
         assert b["kl/mean"] == pytest.approx(a["kl/mean"], abs=1e-6)
         assert b["response/length"] == a["response/length"]
+
+
+def test_colocated_rollout_scores_in_the_generator_with_the_same_samples(apart_run, models, tmp_path):
+    """--colocate rollout: no reference or reward actors; each generator scores in its own process.
+    The same seed gives the same samples, reference log-probs (KL) and rewards as separate actors."""
+    together = ppo(models, tmp_path / "together", max_steps=2, colocate="rollout")
+    assert {"reference-0", "reward-0"} <= set(apart_run.placement)
+    assert not {"reference-0", "reward-0"} & set(together.placement)
+    assert_same_samples(apart_run, together)
+
+
+def test_colocate_all_runs_every_role_in_the_trainer_process_with_the_same_samples(apart_run, models, tmp_path):
+    """--colocate all: trainer-0's process holds the critic, the generator, the reference and the reward
+    model, and the generator samples with the trainer's own module. Step 2's samples come from the
+    updated policy, so equal samples also mean an equal update; the sync check reads no copy (diff 0)."""
+    together = ppo(models, tmp_path / "all", max_steps=2, colocate="all")
+    assert_same_samples(apart_run, together)
+    assert {"trainer-0", "critic-0", "generator-0"} <= set(together.placement)
+    assert not {"reference-0", "reward-0"} & set(together.placement)
+    assert [m["sync/logprob_max_diff"] for m in together.history] == [0.0, 0.0]
+    for a, b in zip(apart_run.history, together.history):
+        assert b["value/loss"] == pytest.approx(a["value/loss"], rel=1e-5)
+        assert b["policy/loss"] == pytest.approx(a["policy/loss"], abs=1e-6)

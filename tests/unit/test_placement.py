@@ -60,3 +60,22 @@ def test_colocated_rollout_starts_no_scoring_actors_and_refuses_their_counts():
     together.validate()
     with pytest.raises(ConfigError, match="--ref_workers: has no effect with --colocate rollout"):
         RoleArgs(colocate="rollout", ref_workers=2).validate()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"actors": 2}, "--actors: --colocate all needs 1 (each trainer rank generates); got 2"),
+    ({"critic_trainers": 2}, "--critic_trainers: --colocate all needs 1 (each trainer rank holds its critic rank)"),
+    ({"strategy": "fsdp"}, "--strategy: --colocate all needs ddp"),
+    ({"generator_backend": "vllm"}, "--generator_backend: --colocate all needs hf"),
+])
+def test_colocate_all_refuses_a_plan_whose_roles_do_not_line_up_with_the_trainer_ranks(flags, message):
+    from coati_ray.errors import ConfigError
+    from coati_ray.pipelines.ppo_roles import check_plan_fits
+    from coati_ray.ppo_config import PPOConfig
+
+    cfg = PPOConfig.of(colocate="all", **flags)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_plan_fits(cfg)
+    both = PPOConfig.of(colocate="all", trainers=2, actors=2, critic_trainers=2, train_batch_size=4)
+    check_plan_fits(both)  # two ranks, each with its generator and critic rank
+    assert both.roles.cpus() == 0.0 and both.roles.scoring_actors() == (0, 0)  # the trainers' CPUs are all
