@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from coati_ray.errors import CoatiError
 from coati_ray.runtime import quiet_libraries
@@ -98,6 +98,22 @@ def explain_negations(parser: argparse.ArgumentParser) -> None:
                 text = text[0].lower() + text[1:]
             action.help = f"Do not {text}" if text else f"Turn --{action.dest} off."
             action.default = argparse.SUPPRESS  # --X's default (True) is the one that counts
+
+
+def finish(code: int = 0) -> NoReturn:
+    """End a launcher whose work is done: wait for its threads, run the exit handlers (Ray's shutdown,
+    the trackers', logging's), flush, and leave without Python tearing down every imported module
+    one by one (torch, transformers, Ray: 1-2 s of a short run, bench_peer.py's whole-run time)."""
+    import atexit
+    import os
+    import threading
+
+    threading._shutdown()  # what the interpreter does first at exit: non-daemon threads finish
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_main(fn: Callable[[], T]) -> T:

@@ -10,7 +10,7 @@
 
 import sys
 
-from coati_ray.cli import parse, run_main, setup_logging
+from coati_ray.cli import finish, parse, run_main, setup_logging
 from coati_ray.pipelines.demo import DemoArgs, run_demo  # light: heavy modules load inside run_demo
 
 
@@ -49,3 +49,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_main(lambda: main(sys.argv[1:]))
+    finish()

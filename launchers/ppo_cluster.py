@@ -13,7 +13,7 @@ Flags: `python launchers/ppo_cluster.py --help`.
 
 import sys
 
-from coati_ray.cli import parse, run_main, setup_logging
+from coati_ray.cli import finish, parse, run_main, setup_logging
 from coati_ray.errors import ConfigError
 from coati_ray.ppo_config import PARTS, PPOConfig
 
@@ -40,3 +40,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_main(lambda: main(sys.argv[1:]))
+    finish()

@@ -13,7 +13,7 @@ once into the cache). Flags: `python launchers/train_dpo.py --help`.
 
 import sys
 
-from coati_ray.cli import parse, run_main, setup_logging
+from coati_ray.cli import finish, parse, run_main, setup_logging
 from coati_ray.config import ClusterArgs, ModelArgs, PreferenceArgs, PreferenceDataArgs, TrainArgs
 
 
@@ -38,3 +38,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_main(lambda: main(sys.argv[1:]))
+    finish()

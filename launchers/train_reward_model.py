@@ -10,7 +10,7 @@ Flags: `python launchers/train_reward_model.py --help`.
 
 import sys
 
-from coati_ray.cli import parse, run_main, setup_logging
+from coati_ray.cli import finish, parse, run_main, setup_logging
 from coati_ray.config import ClusterArgs, ModelArgs, PairDataArgs, RMArgs, TrainArgs
 
 
@@ -30,3 +30,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_main(lambda: main(sys.argv[1:]))
+    finish()

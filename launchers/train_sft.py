@@ -10,7 +10,7 @@ Flags: `python launchers/train_sft.py --help`.
 
 import sys
 
-from coati_ray.cli import parse, run_main, setup_logging
+from coati_ray.cli import finish, parse, run_main, setup_logging
 from coati_ray.config import ClusterArgs, ModelArgs, SFTDataArgs, TrainArgs
 
 
@@ -28,3 +28,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_main(lambda: main(sys.argv[1:]))
+    finish()
