@@ -11,34 +11,28 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Literal
-
-import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from typing import TYPE_CHECKING, Literal
 
 from coati_ray.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
 ModelFamily = Literal["auto", "llama", "gpt2", "opt", "bloom"]
 MODEL_FAMILIES = ("auto", "llama", "gpt2", "opt", "bloom")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # flag -> torch dtype name
 
 
 def _dtype_kw(dtype: str) -> dict:
     """transformers renamed `torch_dtype` to `dtype` in 4.56; we support 4.51 (colossalai) and 5.x."""
+    import torch
     import transformers
     from packaging.version import Version
 
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: DTYPES[dtype]}
+    return {key: getattr(torch, DTYPES[dtype])}
 
 
 def resolve_model_path(pretrain: str | None, model: str = "auto", size: str = "tiny") -> str:
@@ -75,6 +69,8 @@ def _adapter_base(path: str) -> str | None:
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -89,12 +85,33 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def check_family(config, model: str, path: str) -> None:
-    if model != "auto" and config.model_type != model:
-        raise ConfigError("model", f"{path} holds a '{config.model_type}' model, not '{model}'; "
-                          f"pass --model {config.model_type} or --model auto")
+    """`config`: a loaded config, or what `model_type()` read."""
+    found = config if isinstance(config, str) or config is None else config.model_type
+    if model != "auto" and found is not None and found != model:
+        raise ConfigError("model", f"{path} holds a '{found}' model, not '{model}'; "
+                          f"pass --model {found} or --model auto")
+
+
+def model_type(path: str) -> str | None:
+    """The `model_type` a model directory's config.json names (an adapter directory: its base's), read
+    without importing transformers or torch: the driver checks paths this way before its Ray starts.
+    None for an adapter whose base is a hub id (what it holds is known once the actors load it)."""
+    base = _adapter_base(path) if Path(path).is_dir() else None
+    if base is not None and not Path(base).is_dir():
+        return None
+    config = Path(base or path) / "config.json"
+    try:
+        found = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"could not read a model config from {config}: {e}") from e
+    if not isinstance(found, str) or not found:
+        raise ModelLoadError(f"{config} names no model_type: not a Hugging Face model config")
+    return found
 
 
 def load_config(path: str):
+    from transformers import AutoConfig
+
     base = _adapter_base(path) if Path(path).is_dir() else None
     try:
         return AutoConfig.from_pretrained(base or path)
@@ -104,6 +121,8 @@ def load_config(path: str):
 
 def load_causal_lm(path: str, model: str = "auto", dtype: str = "fp32") -> PreTrainedModel:
     """A causal LM from `path` (an adapter directory loads its base and then the adapter)."""
+    from transformers import AutoModelForCausalLM
+
     config = load_config(path)
     check_family(config, model, path)
     base = _adapter_base(path) if Path(path).is_dir() else None
@@ -125,6 +144,8 @@ def load_value_model(path: str, model: str = "auto", dtype: str = "fp32",
     From a causal-LM directory the head is new (initialised from the current torch seed); from a
     saved reward/critic directory it is loaded.
     """
+    from transformers import AutoModelForSequenceClassification
+
     config = load_config(path)
     check_family(config, model, path)
     try:

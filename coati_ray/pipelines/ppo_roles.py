@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from coati_ray.algos.advantages import NEEDS_CRITIC
-from coati_ray.cluster.ppo_groups import CriticGroup, HybridGroup, PolicyGroup
+from coati_ray.algos import NEEDS_CRITIC
 from coati_ray.defaults import demo_file
 from coati_ray.errors import ConfigError, DataError, ModelLoadError
 from coati_ray.ppo_config import (
@@ -29,6 +28,9 @@ from coati_ray.sync import transport_class
 from coati_ray.sync.base import WeightSync
 from coati_ray.sync.shared import SharedModuleSync
 from coati_ray.workers.job import CriticJob, PolicyJob, RolloutJob, UpdateSpec
+
+if TYPE_CHECKING:  # torch and transformers: the driver imports them while its Ray starts (ppo.py)
+    from coati_ray.cluster.ppo_groups import CriticGroup, PolicyGroup
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class PPOJobs:
 def make_jobs(cfg: PPOConfig) -> PPOJobs:
     """Resolve every path (making the demo SFT and RM first when none is given), check them, and
     build each role's job."""
-    from coati_ray.models.loading import check_family, load_config
+    from coati_ray.models.loading import check_family, model_type
 
     model, run, ro, obj = cfg.model, cfg.run, cfg.rollout, cfg.objective
     # The paths given first, each a readable model, before the demo models are made (which starts Ray).
@@ -57,7 +59,7 @@ def make_jobs(cfg: PPOConfig) -> PPOJobs:
             if not Path(path).exists():
                 raise ConfigError(name, f"{path}: no such model directory")
             try:
-                load_config(path)
+                model_type(path)
             except ModelLoadError as e:
                 raise ConfigError(name, f"{path} is not a model directory: {e}") from None
     policy_path, rm_path = model.pretrain, run.rm_path
@@ -68,7 +70,7 @@ def make_jobs(cfg: PPOConfig) -> PPOJobs:
         demo = ensure_demo_models(model.preset_size, cfg.cluster)
         policy_path, rm_path = policy_path or demo["sft"], rm_path or (demo["rm"] if wants_rm else None)
     reward_specs = cfg.reward.specs(rm_path)
-    check_family(load_config(policy_path), model.model, policy_path)
+    check_family(model_type(policy_path), model.model, policy_path)
     prompt_file = run.prompt_dataset or demo_file("prompts_train.jsonl")
     pretrain_file = run.pretrain_dataset or (demo_file("pretrain.jsonl") if obj.ptx_coef > 0 else None)
     for f in (prompt_file, pretrain_file):
@@ -222,6 +224,7 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
 
     from coati_ray.cluster.control import JobControl
     from coati_ray.cluster.placement import role_resources
+    from coati_ray.cluster.ppo_groups import CriticGroup, HybridGroup, PolicyGroup
     from coati_ray.workers.buffer import ReplayBuffer
     from coati_ray.workers.chunks import StepPlan
     from coati_ray.workers.generator import GeneratorWorker
