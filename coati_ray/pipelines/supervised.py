@@ -93,7 +93,8 @@ def run_training(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainA
     job = make_job(stage, model, data, train, rm, pref)
     cpus = cluster.trainer_cpus()
     if not local:
-        init_ray(cluster.address, num_cpus=int(cluster.trainers * cpus), dashboard_host=cluster.dashboard_host)
+        init_ray(cluster.address, num_cpus=int(cluster.trainers * cpus), dashboard_host=cluster.dashboard_host,
+                 dashboard=cluster.dashboard)
     group = TrainerGroup(cluster.trainers, cpus, cluster.gpus_per_trainer, local=local)
     try:
         return _loop(stage, group, job, train, model, progress)

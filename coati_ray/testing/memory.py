@@ -17,11 +17,15 @@ def role_of(proc) -> str:
     except Exception:
         return "other"
     if "ray::" in cmd:
+        if "ray::DashboardAgent" in cmd or "ray::RuntimeEnvAgent" in cmd:
+            return "ray daemons"
         for cls, role in ROLE_NAMES.items():
             if f"ray::{cls}" in cmd:
                 return role
         return "ray worker (idle)"
-    for daemon in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor.py"):
+    # Ray's own programs, by path (a driver's flags, e.g. --no_dashboard, must not match)
+    for daemon in ("/raylet", "/gcs_server", "ray/dashboard/", "ray-dashboard", "ray.dashboard", "log_monitor.py",
+                   "runtime_env/", "monitor.py"):
         if daemon in cmd:
             return "ray daemons"
     return "driver"
