@@ -168,20 +168,3 @@ def process_group_backend(device) -> str:
     """torch.distributed's backend for a trainer group on `device` (a torch.device)."""
     return "nccl" if device.type == "cuda" else "gloo"
 
-
-def import_in_background(*modules: str):
-    """A started daemon thread importing `modules`, while this thread waits on something else (Ray
-    starting). A module that fails to import is left for the importing code to report."""
-    import importlib
-    import threading
-
-    def run() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # the import in the code that uses it raises the same error, in context
-                pass
-
-    thread = threading.Thread(target=run, name="coati-import", daemon=True)
-    thread.start()
-    return thread

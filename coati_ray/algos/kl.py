@@ -7,8 +7,7 @@ Estimators of KL(pi || ref) from samples of pi, with log_ratio = log pi(a) - log
     k2 = log_ratio**2 / 2               biased, low variance, >= 0
     k3 = exp(-log_ratio) - 1 + log_ratio  unbiased, low variance, >= 0
 
-Controllers (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences",
-https://arxiv.org/abs/1909.08593, section 2.2): fixed, or adaptive towards a target KL.
+The coefficient's controllers are in `kl_control.py` (the driver runs them, without torch).
 """
 
 from __future__ import annotations
@@ -42,38 +41,3 @@ def token_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, action_mask: 
              estimator: str = "k1") -> torch.Tensor:
     """Per-token KL estimate, zero on padding. All (B, A) -> (B, A)."""
     return KL_ESTIMATORS[estimator](log_probs.float() - ref_log_probs.float()) * action_mask
-
-
-class FixedKLController:
-    def __init__(self, coef: float):
-        self.value = coef
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.value = d["value"]
-
-
-class AdaptiveKLController:
-    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon) (Ziegler et al. eq. 2)."""
-
-    def __init__(self, coef: float, target: float, horizon: float):
-        self.value, self.target, self.horizon = coef, target, horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.value = d["value"]
-
-
-def make_kl_controller(coef: float, target: float | None, horizon: float):
-    return AdaptiveKLController(coef, target, horizon) if target else FixedKLController(coef)

@@ -8,10 +8,13 @@ which is how to debug the loop with a plain Python debugger.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coati_ray.runtime import get_all, start_actor
-from coati_ray.workers.trainer import SetupInfo, TrainerWorker, TrainJob
+from coati_ray.workers.shells import TrainerWorker
+
+if TYPE_CHECKING:
+    from coati_ray.workers.trainer import SetupInfo, TrainJob
 
 logger = logging.getLogger(__name__)
 

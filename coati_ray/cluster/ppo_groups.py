@@ -12,18 +12,15 @@ With --colocate all, trainer-i is a HybridWorker holding critic rank i and gener
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from coati_ray.cluster.group import TrainerGroup
-from coati_ray.engines.generation import WeightUpdate
-from coati_ray.experience import Experience
 from coati_ray.runtime import get_all, get_unwrapped, wait_each
-from coati_ray.workers.critic import CriticWorker
-from coati_ray.workers.hybrid import CRITIC_PREFIX, HybridWorker
-from coati_ray.workers.job import CriticJob, PolicyJob
-from coati_ray.workers.policy import PolicyTrainOut, PolicyWorker
+from coati_ray.workers.job import CriticJob, PolicyJob, PolicyTrainOut
+from coati_ray.workers.shells import CRITIC_PREFIX, CriticWorker, HybridWorker, PolicyWorker
+
+if TYPE_CHECKING:  # the driver holds these classes' handles without importing torch (workers/shells.py)
+    import torch
 
 
 def _wait_all_get_first(refs: list, labels: list[str]) -> Any:
@@ -73,6 +70,10 @@ class PolicyGroup(TrainerGroup):
         """Rank 0's log-probs of the first rows of the experience behind `exp_ref` (read by the actors)."""
         return self._call("score_log_probs", exp_ref)[0]
 
+    def score_log_probs_ref(self, exp_ref) -> Any:
+        """The same, left in the object store (its ObjectRef): the sync check hands it to a generator."""
+        return _wait_all_get_first(self._call_refs("score_log_probs", exp_ref), self.labels("score_log_probs"))
+
 
 class CriticGroup(TrainerGroup):
     worker_cls = CriticWorker
@@ -111,4 +112,4 @@ class HybridGroup(PolicyGroup):
         get_all(getattr(self, "_generators", []), [f"generator-{r}.start" for r in range(self.n)])
 
 
-__all__ = ["CriticGroup", "Experience", "HybridGroup", "PolicyGroup", "WeightUpdate"]
+__all__ = ["CriticGroup", "HybridGroup", "PolicyGroup"]

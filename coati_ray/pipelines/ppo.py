@@ -34,8 +34,8 @@ from coati_ray.pipelines.ppo_roles import (
     start_roles,
 )
 from coati_ray.ppo_config import PARTS, PPOConfig
-from coati_ray.run_dir import start_run
-from coati_ray.runtime import get_all, get_unwrapped, import_in_background
+from coati_ray.run_dir import ScalarWriter, start_run
+from coati_ray.runtime import get_all, get_unwrapped
 from coati_ray.sync.base import WeightTicket
 
 logger = logging.getLogger(__name__)
@@ -132,9 +132,6 @@ def run_ppo(cfg: PPOConfig, progress: bool = True) -> PPOResult:
     jobs = make_jobs(cfg)
     n_prompts = count_prompts(jobs)
     cpus = cfg.roles.cpus() + cfg.cluster.trainers * (cfg.cluster.cpus_per_trainer or 1.0)
-    # Up to here the driver needed neither torch nor transformers; it imports them while Ray starts
-    # (about 3 s each on 2 cores, mostly waiting for Ray's processes: bench_peer.py's start-up timeline).
-    preload = import_in_background("coati_ray.cluster.ppo_groups", "coati_ray.algos.kl", "torch.utils.tensorboard")
     embedded = init_ray(cfg.cluster.address, num_cpus=int(cpus + 0.999), dashboard_host=cfg.cluster.dashboard_host,
                         dashboard=cfg.cluster.dashboard)
     import ray
@@ -143,7 +140,6 @@ def run_ppo(cfg: PPOConfig, progress: bool = True) -> PPOResult:
     if embedded and total_cpus < cpus:  # the actors would wait for CPUs forever (a real cluster may autoscale)
         raise ConfigError("actors", f"the roles ask for {cpus:g} CPUs but the Ray cluster has {total_cpus:g}; lower "
                           "--actors / --*_cpus / --cpus_per_trainer or add nodes")
-    preload.join(timeout=300)  # bounded: were it still running, the imports below would wait for it themselves
     timeline = {"ray_up": time.perf_counter() - t0}
     actors = start_roles(cfg, jobs, n_prompts)
     timeline["actors_started"] = time.perf_counter() - t0
@@ -155,7 +151,7 @@ def run_ppo(cfg: PPOConfig, progress: bool = True) -> PPOResult:
 
 def _set_up(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int) -> tuple[PPOResult, StepState]:
     """Both trainer groups load their models at once; resume; connect the weight sync."""
-    from coati_ray.algos.kl import make_kl_controller
+    from coati_ray.algos.kl_control import make_kl_controller
     from coati_ray.workers.chunks import steps_per_episode
 
     run, ro = cfg.run, cfg.rollout
@@ -186,7 +182,6 @@ def _set_up(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int) -> tup
 
 def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress: bool,
          timeline: dict[str, float], t0: float) -> PPOResult:
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     result, st = _set_up(cfg, jobs, actors, n_prompts)
@@ -194,7 +189,7 @@ def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress:
     timeline["models_loaded"] = time.perf_counter() - t0
     save, step, total = Path(cfg.run.save_path), result.start_step, st.total
     keep = (result.run_id, cfg.run.keep_checkpoints)  # what every checkpoint records and how many stay
-    writer = SummaryWriter(str(save / "tensorboard"))
+    writer = ScalarWriter(save / "tensorboard")
     bar = tqdm(total=total, initial=step, desc="ppo", disable=not progress, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     actors.control.report.remote({"step": step, "total": total, "generators": len(actors.generators),

@@ -29,7 +29,7 @@ from coati_ray.sync.base import WeightSync
 from coati_ray.sync.shared import SharedModuleSync
 from coati_ray.workers.job import CriticJob, PolicyJob, RolloutJob, UpdateSpec
 
-if TYPE_CHECKING:  # torch and transformers: the driver imports them while its Ray starts (ppo.py)
+if TYPE_CHECKING:
     from coati_ray.cluster.ppo_groups import CriticGroup, PolicyGroup
 
 logger = logging.getLogger(__name__)
@@ -227,9 +227,7 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
     from coati_ray.cluster.ppo_groups import CriticGroup, HybridGroup, PolicyGroup
     from coati_ray.workers.buffer import ReplayBuffer
     from coati_ray.workers.chunks import StepPlan
-    from coati_ray.workers.generator import GeneratorWorker
-    from coati_ray.workers.reference import ReferenceWorker
-    from coati_ray.workers.reward import RewardWorker
+    from coati_ray.workers.shells import GeneratorWorker, ReferenceWorker, RewardWorker  # torch-free handles
 
     roles, cluster = cfg.roles, cfg.cluster
     res, fam, dt = role_resources(roles, ray.cluster_resources()), cfg.model.model, cfg.model.dtype

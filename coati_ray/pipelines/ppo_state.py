@@ -116,12 +116,12 @@ def sync_check(actors: Roles, ticket, exp_ref, version: int) -> dict[str, float]
     log-prob difference is float noise (~1e-6) when the sync worked.
     """
     first = actors.generators[min(actors.generators)]
-    g_version, g_lp = get_restartable(lambda: first.sync_check.remote(ticket, exp_ref))
-    t_lp = actors.policy.score_log_probs(exp_ref)
+    t_lp = actors.policy.score_log_probs_ref(exp_ref)  # left in the object store: the generator reads it
+    g_version, gap = get_restartable(lambda: first.sync_gap.remote(ticket, exp_ref, t_lp))
     if g_version != version:
         raise RuntimeError(f"weight sync: generator-{min(actors.generators)} holds v{g_version} after loading "
                            f"v{version}")
-    return {"sync/logprob_max_diff": float((g_lp - t_lp).abs().max())}
+    return {"sync/logprob_max_diff": gap}
 
 
 def step_metrics(taken, versions: list[int], step: int, pm: dict, cm: dict, kl_coef: float) -> dict[str, float]:

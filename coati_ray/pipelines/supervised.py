@@ -34,7 +34,7 @@ from coati_ray.config import (
 from coati_ray.defaults import demo_file
 from coati_ray.errors import ConfigError, DataError
 from coati_ray.models.loading import check_family, load_config, resolve_model_path
-from coati_ray.run_dir import prune_checkpoints, resume_checkpoint, start_run
+from coati_ray.run_dir import ScalarWriter, prune_checkpoints, resume_checkpoint, start_run
 from coati_ray.workers.trainer import SetupInfo, TrainJob
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,6 @@ def run_training(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainA
 
 
 def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: ModelArgs, progress: bool) -> TrainResult:
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     info = group.setup(job)
@@ -140,7 +139,7 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: Mod
                 logger.warning("resumed with %d trainers from a checkpoint of %d: the weights and optimizer state "
                                "are the saved ones, but the global batch and the data order from here differ from "
                                "an uninterrupted run", group.n, meta["world_size"])
-    writer = SummaryWriter(str(save / "tensorboard"))
+    writer = ScalarWriter(save / "tensorboard")
     # Redraw often on a terminal, rarely into a log file.
     bar = tqdm(total=info.total_steps, initial=result.start_step, desc=stage, disable=not progress,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)

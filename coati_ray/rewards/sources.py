@@ -10,12 +10,13 @@ Order and names (the metric keys `reward/<name>` and the order of `--reward_weig
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from coati_ray.errors import ConfigError
 from coati_ray.rewards.functions import RewardBatch, call_reward_function, check_function_spec, split_spec
+
+if TYPE_CHECKING:  # the driver checks the specs without torch; the reward actor builds the scorers with it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ def build_source(spec: RewardSpec, remote: RemoteOptions, model_source: Callable
                  ) -> Callable[[RewardBatch, object], torch.Tensor]:
     """A scorer `(batch, experience) -> (B,) float tensor` for `spec`, inside a reward actor.
     `model_source`: the reward-model scorer (the actor owns the model)."""
+    import torch
+
     if spec.kind == "rm":
         assert model_source is not None
         return lambda batch, exp: model_source(exp)
@@ -94,6 +97,8 @@ def build_source(spec: RewardSpec, remote: RemoteOptions, model_source: Callable
 
 def weighted_total(scores: dict[str, torch.Tensor], specs: list[RewardSpec]) -> torch.Tensor:
     """sum_s w_s * score_s, (B,)."""
+    import torch
+
     if not specs:
         raise ValueError("no reward source: give --rm_path, --reward_fn or --reward_url")
     return torch.stack([s.weight * scores[s.name].float() for s in specs]).sum(0)

@@ -118,6 +118,12 @@ class GeneratorWorker:
         e = exp.select(list(range(min(rows, exp.size))))
         return self.version, self.log_probs(e.sequences, e.attention_mask, e.num_actions) * e.action_mask
 
+    def sync_gap(self, ticket: WeightTicket, exp: Experience, trainer_log_probs: torch.Tensor) -> tuple[int, float]:
+        """(version, the largest |log-prob| difference from the trainer's `trainer_log_probs` of the same
+        rows) once up to date with `ticket`: the driver's sync check, computed here (no tensor reaches it)."""
+        version, lp = self.sync_check(ticket, exp, rows=trainer_log_probs.shape[0])
+        return version, float((lp - trainer_log_probs).abs().max())
+
     # --- rollouts -----------------------------------------------------------------------------------
     def tokens_of(self, row: int) -> list[int]:
         ids = self.prompt_ids.get(row)

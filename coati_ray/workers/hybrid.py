@@ -20,8 +20,7 @@ import torch
 
 from coati_ray.workers.critic import CriticWorker
 from coati_ray.workers.policy import PolicyWorker
-
-CRITIC_PREFIX = "critic__"
+from coati_ray.workers.shells import CRITIC_PREFIX
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -66,6 +65,11 @@ class HybridWorker(PolicyWorker):
         self.model.eval()
         return self.gen.sync_check(ticket, exp, rows)
 
+    def sync_gap(self, ticket, exp, trainer_log_probs):
+        self.gen.version = self.version
+        self.model.eval()
+        return self.gen.sync_gap(ticket, exp, trainer_log_probs)
+
     def weight_version(self) -> int:
         return self.gen.version if self.gen is not None else 0
 
@@ -90,6 +94,6 @@ def _public(cls: type) -> list[str]:
 # their own names where the policy trainer has none of that name (`run`, `node_id` are the trainer's).
 for _name in _public(CriticWorker):
     setattr(HybridWorker, CRITIC_PREFIX + _name, _forward("critic", _name))
-for _name in ("load_weights", "log_probs", "rollouts_done", "tokens_of"):
+for _name in ("load_weights", "log_probs", "rollouts_done", "tokens_of"):  # (shells.HYBRID lists them all)
     if not hasattr(HybridWorker, _name):
         setattr(HybridWorker, _name, _forward("gen", _name))

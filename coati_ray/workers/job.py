@@ -73,3 +73,12 @@ class CriticJob(ModelJob):
     objective: ObjectiveArgs  # gamma, lam, whiten_advantages, value_clip
     n_samples_per_prompt: int
     packing: bool = True  # --packing: run padded experience packed (models/heads.py)
+
+
+@dataclass
+class PolicyTrainOut:
+    """What a policy rank's PPO update returns to the driver (here, where the driver reads it without torch)."""
+
+    metrics: dict[str, float]
+    sample_ids: list[list[int]]  # per PPO epoch, the ids this rank trained on
+    versions: list[int]  # weight version of every sample of the step

@@ -8,7 +8,7 @@ Loss per minibatch (token-mean over the *global* minibatch, see `algos/losses.py
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +27,8 @@ from coati_ray.algos.objectives import (
 from coati_ray.data import formatting as fmt
 from coati_ray.engines.generation import WeightUpdate
 from coati_ray.models.heads import action_log_probs, forward
-from coati_ray.workers.job import PolicyJob
+from coati_ray.workers.job import PolicyJob, PolicyTrainOut
 from coati_ray.workers.ppo_common import PPORank
-
-
-@dataclass
-class PolicyTrainOut:
-    metrics: dict[str, float]
-    sample_ids: list[list[int]]  # per PPO epoch, the ids this rank trained on
-    versions: list[int]  # weight version of every sample of the step
 
 
 class PolicyWorker(PPORank):

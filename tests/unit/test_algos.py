@@ -23,16 +23,8 @@ from coati_ray.algos.advantages import (
     masked_whiten,
     normalize_scores,
 )
-from coati_ray.algos.kl import (
-    KL_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
-    kl_k1,
-    kl_k2,
-    kl_k3,
-    make_kl_controller,
-    token_kl,
-)
+from coati_ray.algos.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3, token_kl
+from coati_ray.algos.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 from coati_ray.algos.logprobs import log_probs_from_logits, masked_mean
 from coati_ray.algos.losses import (
     combine_actor_loss,
