@@ -54,6 +54,7 @@ CONFIGS = {
     "on_policy": [],
     "colocated": ["--colocate", "rollout"],
     "hybrid": ["--colocate", "all", "--cpus_per_trainer", "2"],
+    "hybrid_lean": ["--colocate", "all", "--cpus_per_trainer", "2", "--no_dashboard"],
     "unpacked": ["--no_packing"],
     "staleness1": ["--max_staleness", "1"],
     "actors2": ["--actors", "2"],
@@ -324,5 +325,7 @@ T_START = time.perf_counter()
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--_coati_child":
-        sys.exit(coati_child(json.loads(sys.argv[2])))
+        from coati_ray.cli import finish
+
+        finish(coati_child(json.loads(sys.argv[2])))  # as launchers/ppo_cluster.py ends
     sys.exit(main())
