@@ -139,8 +139,8 @@ def check_colocate_all(cfg: PPOConfig) -> None:
     roles, cluster, ro = cfg.roles, cfg.cluster, cfg.rollout
     if roles.colocate != "all":
         return
-    for flag, got, want in (("actors", roles.actors, cluster.trainers),
-                            ("critic_trainers", roles.critic_trainers, cluster.trainers),
+    n, critic = cluster.trainers, NEEDS_CRITIC[cfg.objective.advantage_estimator]  # no critic: its count is unread
+    for flag, got, want in (("actors", roles.actors, n), ("critic_trainers", roles.critic_trainers if critic else n, n),
                             ("generator_backend", ro.generator_backend, "hf"), ("strategy", cfg.run.strategy, "ddp")):
         if got != want:
             why = "each trainer rank generates" if flag == "actors" else \

@@ -78,4 +78,6 @@ def test_colocate_all_refuses_a_plan_whose_roles_do_not_line_up_with_the_trainer
         check_plan_fits(cfg)
     both = PPOConfig.of(colocate="all", trainers=2, actors=2, critic_trainers=2, train_batch_size=4)
     check_plan_fits(both)  # two ranks, each with its generator and critic rank
+    check_plan_fits(PPOConfig.of(colocate="all", trainers=2, actors=2, advantage_estimator="grpo",
+                                 n_samples_per_prompt=2, train_batch_size=4))  # no critic: its count is not read
     assert both.roles.cpus() == 0.0 and both.roles.scoring_actors() == (0, 0)  # the trainers' CPUs are all
