@@ -48,10 +48,9 @@ from coati_ray.engines.generation import (
     WeightUpdate,
 )
 from coati_ray.errors import ConfigError
+from coati_ray.models.loading import DTYPES
 
 logger = logging.getLogger(__name__)
-
-_VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def vllm_extra() -> str:
@@ -140,7 +139,7 @@ class VLLMBackend(GenerationBackend):
         self._checkpoint_names = _checkpoint_names(model_path)  # what a full update must carry
         self.compat = installed_compat(vllm, engine_options or {})
         os.environ.update(self.compat.env)
-        kwargs = {"model": model_path, "tokenizer": model_path, "dtype": _VLLM_DTYPES.get(dtype, dtype),
+        kwargs = {"model": model_path, "tokenizer": model_path, "dtype": DTYPES.get(dtype, dtype),
                   "seed": seed, "tensor_parallel_size": tensor_parallel_size, "max_model_len": max_model_len,
                   "gpu_memory_utilization": gpu_memory_utilization or (0.5 if on_gpu else 0.1),
                   "enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager,

@@ -21,13 +21,14 @@ from coati_ray.serve.engine import Event, GenRequest
 class VLLMServeEngine:
     def __init__(self, model_path: str, tokenizer, dtype: str = "fp32", max_model_len: int | None = None,
                  gpu_memory_utilization: float | None = None, quantization: str | None = None):
-        from coati_ray.engines.vllm_backend import _VLLM_DTYPES, vllm_extra
+        from coati_ray.engines.vllm_backend import vllm_extra
         from coati_ray.errors import require
+        from coati_ray.models.loading import DTYPES
 
         vllm = require("vllm", vllm_extra(), "--backend vllm")
         self.tokenizer, self._vllm = tokenizer, vllm
         on_gpu = torch.cuda.is_available()
-        args = vllm.AsyncEngineArgs(model=model_path, tokenizer=model_path, dtype=_VLLM_DTYPES.get(dtype, dtype),
+        args = vllm.AsyncEngineArgs(model=model_path, tokenizer=model_path, dtype=DTYPES.get(dtype, dtype),
                                     max_model_len=max_model_len, quantization=quantization,
                                     gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.1),
                                     enforce_eager=not on_gpu)
