@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from coati_ray.runtime import get_all, start_actor
-from coati_ray.workers.shells import TrainerWorker
+from coati_ray.workers.shells import TrainerWorker, worker_class
 
 if TYPE_CHECKING:
     from coati_ray.workers.trainer import SetupInfo, TrainJob
@@ -33,7 +33,8 @@ class TrainerGroup:
         if local:
             if num_trainers != 1:
                 raise ValueError("local (in-process) mode runs exactly one trainer")
-            self.workers: list[Any] = [self.worker_cls(0, 1, num_threads=int(cpus_per_trainer))]
+            # the worker itself, not its actor class: a debugger (or a test) reads its attributes
+            self.workers: list[Any] = [worker_class(self.worker_cls)(0, 1, num_threads=int(cpus_per_trainer))]
             return
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -35,8 +35,15 @@ def _forward(name: str):
 
 
 def _init(self, *args, **kwargs) -> None:
-    module, _, cls = type(self).WORKER.partition(":")
-    self.worker = getattr(importlib.import_module(module), cls)(*args, **kwargs)
+    self.worker = worker_class(type(self))(*args, **kwargs)
+
+
+def worker_class(cls: type) -> type:
+    """The worker class an actor class here stands for (imported now); any other class as it is."""
+    if not hasattr(cls, "WORKER"):
+        return cls
+    module, _, name = cls.WORKER.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def actor_class(worker: str, methods: tuple[str, ...]) -> type:

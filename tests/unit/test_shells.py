@@ -21,6 +21,7 @@ def public_methods(cls: type) -> set[str]:
 def test_each_actor_class_forwards_exactly_its_workers_public_methods(shell):
     module, _, name = shell.WORKER.partition(":")
     worker = getattr(importlib.import_module(module), name)
+    assert shells.worker_class(shell) is worker and shells.worker_class(worker) is worker
     assert shell.__name__ == worker.__name__  # the dashboard and process titles read the same
     assert set(shell.METHODS) == public_methods(worker)
     assert public_methods(shell) == set(shell.METHODS)
