@@ -271,8 +271,8 @@ class ClusterArgs:
     dashboard_host: str = _help("Address the embedded Ray's dashboard listens on. Keep 127.0.0.1 (tunnel it with "
                                 "ssh -L 8265:127.0.0.1:8265); 0.0.0.0 exposes it, behind Ray's token auth only.",
                                 default="127.0.0.1")
-    dashboard: bool = _help("Start the embedded Ray's dashboard. --no_dashboard: a leaner laptop run (about 2 s "
-                            "less start-up and 100 MB less; docs/benchmarks.md); a joined cluster keeps its own.",
+    dashboard: bool = _help("Start the embedded Ray's dashboard. --no_dashboard: a leaner laptop run (about 200 MB "
+                            "and up to 2 s of start-up less; docs/benchmarks.md); a joined cluster keeps its own.",
                             default=True)
 
     def validate(self) -> None:
