@@ -179,3 +179,16 @@ def test_colocate_all_runs_every_role_in_the_trainer_process_with_the_same_sampl
     for a, b in zip(apart_run.history, together.history):
         assert b["value/loss"] == pytest.approx(a["value/loss"], rel=1e-5)
         assert b["policy/loss"] == pytest.approx(a["policy/loss"], abs=1e-6)
+
+
+def test_colocate_all_on_two_ranks_matches_two_ranks_of_separate_actors(models, tmp_path):
+    """Two ranks: rank r holds generator-r and critic rank r, the critic ranks sharing the policy
+    ranks' process group (their collectives one after the other)."""
+    two = {"actors": 2, "trainers": 2, "critic_trainers": 2, "max_steps": 2}
+    apart = ppo(models, tmp_path / "apart", **two)
+    together = ppo(models, tmp_path / "all", colocate="all", cpus_per_trainer=1, **two)
+    assert_same_samples(apart, together)
+    assert {"generator-0", "generator-1", "critic-1", "trainer-1"} <= set(together.placement)
+    for a, b in zip(apart.history, together.history):
+        assert b["value/loss"] == pytest.approx(a["value/loss"], rel=1e-5)
+        assert b["policy/loss"] == pytest.approx(a["policy/loss"], abs=1e-6)
