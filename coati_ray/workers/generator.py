@@ -23,11 +23,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from coati_ray.algos.advantages import (
-    ADVANTAGE_ESTIMATORS,
-    NEEDS_CRITIC,
-    normalize_scores,
-)
+from coati_ray.algos import NEEDS_CRITIC
+from coati_ray.algos.advantages import ADVANTAGE_ESTIMATORS, normalize_scores
 from coati_ray.algos.kl import token_kl
 from coati_ray.algos.objectives import groups_with_signal, overlong_penalty
 from coati_ray.engines.backends import make_backend
