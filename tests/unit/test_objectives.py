@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from coati_ray.algos import NEEDS_CRITIC
 from coati_ray.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
-    NEEDS_CRITIC,
     group_centered_scores,
     masked_moments,
     masked_whiten,
