@@ -184,9 +184,12 @@ def test_colocate_all_runs_every_role_in_the_trainer_process_with_the_same_sampl
 def test_colocate_all_on_two_ranks_matches_two_ranks_of_separate_actors(models, tmp_path):
     """Two ranks: rank r holds generator-r and critic rank r, the critic ranks sharing the policy
     ranks' process group (their collectives one after the other)."""
-    two = {"actors": 2, "trainers": 2, "critic_trainers": 2, "max_steps": 2}
-    apart = ppo(models, tmp_path / "apart", **two)
-    together = ppo(models, tmp_path / "all", colocate="all", cpus_per_trainer=1, **two)
+    # half a CPU per actor (one torch thread each, as with one): the 8 actors fit beside what the
+    # session's other tests still hold of the shared 8-CPU Ray
+    half = {f"{role}_cpus": 0.5 for role in ("generator", "reference", "reward", "critic")}
+    two = {"actors": 2, "trainers": 2, "critic_trainers": 2, "max_steps": 2, "cpus_per_trainer": 0.5}
+    apart = ppo(models, tmp_path / "apart", **two, **half)
+    together = ppo(models, tmp_path / "all", colocate="all", **two)
     assert_same_samples(apart, together)
     assert {"generator-0", "generator-1", "critic-1", "trainer-1"} <= set(together.placement)
     for a, b in zip(apart.history, together.history):
