@@ -20,7 +20,7 @@ import torch
 
 from coati_ray.workers.critic import CriticWorker
 from coati_ray.workers.policy import PolicyWorker
-from coati_ray.workers.shells import CRITIC_PREFIX
+from coati_ray.workers.shells import CRITIC, CRITIC_PREFIX, GENERATOR
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,14 +86,11 @@ def _forward(owner: str, name: str):
     return call
 
 
-def _public(cls: type) -> list[str]:
-    return [n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))]
-
-
 # The critic group's calls, prefixed; the generator's calls (the buffer's and the sync check's) by
 # their own names where the policy trainer has none of that name (`run`, `node_id` are the trainer's).
-for _name in _public(CriticWorker):
+# The lists are the actor classes' (workers/shells.py), which tests/unit/test_shells.py checks.
+for _name in CRITIC:
     setattr(HybridWorker, CRITIC_PREFIX + _name, _forward("critic", _name))
-for _name in ("load_weights", "log_probs", "rollouts_done", "tokens_of"):  # (shells.HYBRID lists them all)
+for _name in GENERATOR:
     if not hasattr(HybridWorker, _name):
         setattr(HybridWorker, _name, _forward("gen", _name))
