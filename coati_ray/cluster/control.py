@@ -1,4 +1,5 @@
-"""The `control` actor: a running PPO job's mailbox to the outside, and its dashboard metrics.
+"""A running PPO job's mailbox to the outside, and its dashboard metrics: `JobControl`, held by the
+job's replay buffer actor `buffer-0` (`JobBuffer`, below).
 
 In: requests (`python launchers/control.py --generators N | --stop`, or `request_generators` /
 `request_stop`), which the driver reads at the start of every step. Out: the job's status, and its metrics as Ray
@@ -12,10 +13,14 @@ cluster's token auth), by name, in the job's namespace.
 from __future__ import annotations
 
 import logging
+from typing import Any
+
+from coati_ray.workers.buffer import ReplayBuffer
+from coati_ray.workers.chunks import StepPlan
 
 logger = logging.getLogger(__name__)
 
-NAME = "control"
+NAME = "buffer-0"  # the actor that holds the job's control
 NAMESPACE = "coati_ray"
 
 # metric name -> (key in the driver's per-step metrics, description)
@@ -79,6 +84,15 @@ class JobControl:
 
     def get_status(self) -> dict:
         return dict(self.status, target=self.target)
+
+
+class JobBuffer(ReplayBuffer, JobControl):
+    """A PPO job's `buffer-0`: the replay buffer (`workers/buffer.py`) and the job's control mailbox in
+    one actor. In a process of its own the mailbox cost ~60 MB of PSS (docs/benchmarks.md)."""
+
+    def __init__(self, limit: int, plan: StepPlan, generators: dict[int, Any], job_name: str):
+        ReplayBuffer.__init__(self, limit, plan, generators)
+        JobControl.__init__(self, job_name)
 
 
 def find_control(namespace: str = NAMESPACE):

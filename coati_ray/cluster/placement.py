@@ -29,7 +29,7 @@ HEAD_RESOURCE = "node:__internal_head__"  # Ray's own marker of the head node
 
 def role_resources(roles, available: dict[str, float]) -> dict[str, dict[str, float]]:
     """Each role's custom resources: its --custom_resources plus, when placement uses node types,
-    its node type's marker (and the head node's for the buffer and the control actor).
+    its node type's marker (and the head node's for the buffer, which holds the job's control).
 
     `available`: `ray.cluster_resources()`. 'auto' uses node types when any marker is there: a
     cluster that autoscales one node type from zero still gets its roles placed (they wait for it).
@@ -48,8 +48,7 @@ def role_resources(roles, available: dict[str, float]) -> dict[str, dict[str, fl
                 "such nodes for pending actors)", name, kind)
     for role, kind in ROLE_NODE.items():
         res.setdefault(role, {})[names[kind]] = MARKER_AMOUNT
-    for role in ("buffer", "control"):
-        res.setdefault(role, {})[HEAD_RESOURCE] = MARKER_AMOUNT
+    res.setdefault("buffer", {})[HEAD_RESOURCE] = MARKER_AMOUNT
     return res
 
 

@@ -114,7 +114,7 @@ def check_plan_fits(cfg: PPOConfig) -> None:
     critics = roles.critic_trainers if NEEDS_CRITIC[cfg.objective.advantage_estimator] else 0
     n_refs, n_rewards = roles.scoring_actors()
     apart = roles.colocate != "all"  # --colocate all: the trainer ranks' processes hold generators and critics
-    processes = (roles.actors + critics) * apart + n_refs + n_rewards + cfg.cluster.trainers + 2
+    processes = (roles.actors + critics) * apart + n_refs + n_rewards + cfg.cluster.trainers + 1
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     need_gb = processes * PROCESS_GB
     if 0.7 * memory_gb < need_gb <= memory_gb:
@@ -123,7 +123,7 @@ def check_plan_fits(cfg: PPOConfig) -> None:
     if need_gb > memory_gb:
         raise ConfigError("actors", f"{processes} actor processes ({roles.actors} generators, {n_refs} "
                           f"reference, {n_rewards} reward, {critics} critic, {cfg.cluster.trainers} "
-                          f"trainer, buffer, control) need about {processes * PROCESS_GB:.0f} GB ({PROCESS_GB} GB "
+                          f"trainer, buffer) need about {processes * PROCESS_GB:.0f} GB ({PROCESS_GB} GB "
                           f"each) but this machine has {memory_gb:.0f} GB; lower --actors or the other counts, "
                           "or join a cluster with --address")
     cores = os.cpu_count() or 1
@@ -175,13 +175,13 @@ class Roles:
         for g in (self.policy, self.critic):
             if g is not None:
                 g.shutdown()
-        for a in [self.buffer, self.control, *self.references, *self.rewards, *self.generators.values()]:
+        for a in [self.buffer, *self.references, *self.rewards, *self.generators.values()]:
             ray.kill(a)
 
     def placement(self) -> dict[str, str]:
         """Actor name -> the Ray node it runs on."""
         named = {**{f"generator-{i}": g for i, g in self.generators.items()}, "buffer-0": self.buffer,
-                 "control": self.control, **{f"reference-{i}": a for i, a in enumerate(self.references)},
+                 **{f"reference-{i}": a for i, a in enumerate(self.references)},
                  **{f"reward-{i}": a for i, a in enumerate(self.rewards)}}
         out = dict(zip(named, get_unwrapped([a.node_id.remote() for a in named.values()])))
         for prefix, group in (("trainer", self.policy), ("critic", self.critic)):
@@ -222,10 +222,9 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
     """
     import ray
 
-    from coati_ray.cluster.control import JobControl
+    from coati_ray.cluster.control import JobBuffer
     from coati_ray.cluster.placement import role_resources
     from coati_ray.cluster.ppo_groups import CriticGroup, HybridGroup, PolicyGroup
-    from coati_ray.workers.buffer import ReplayBuffer
     from coati_ray.workers.chunks import StepPlan
     from coati_ray.workers.shells import GeneratorWorker, ReferenceWorker, RewardWorker  # torch-free handles
 
@@ -233,8 +232,6 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
     res, fam, dt = role_resources(roles, ray.cluster_resources()), cfg.model.model, cfg.model.dtype
     sync_cls = transport_class(cfg.rollout.vllm_weight_sync)
     restart = {"max_restarts": roles.max_restarts, "max_task_retries": -1}
-    control = start_actor(JobControl, "control", (Path(cfg.run.save_path).name,), num_cpus=0,
-                          resources=res.get("control"))
 
     def scoring_args(ref_threads: int, reward_threads: int) -> tuple[tuple, tuple]:
         """ReferenceWorker's and RewardWorker's arguments (their constructors set their process's threads)."""
@@ -274,9 +271,10 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
         critic = CriticGroup(roles.critic_trainers, roles.critic_cpus, roles.critic_gpus, name_prefix="critic",
                              resources=res.get("critic"), connect=False) if jobs.critic else None
     plan = StepPlan(n_prompts, cfg.rollout.experience_batch_size, cfg.rollout.n_samples_per_prompt, cfg.run.seed)
-    buffer = start_actor(ReplayBuffer, "buffer-0", (cfg.buffer_capacity(), plan, gens), num_cpus=0,
-                         resources=res.get("buffer"), max_concurrency=ReplayBuffer.MAX_CONCURRENCY)
-    roles_up = Roles(buffer, control, refs, rewards, gens, policy, critic, start_generator, sync_cls(policy))
+    # the buffer is also the job's control mailbox (launchers/control.py reaches it by name)
+    buffer = start_actor(JobBuffer, "buffer-0", (cfg.buffer_capacity(), plan, gens, Path(cfg.run.save_path).name),
+                         num_cpus=0, resources=res.get("buffer"), max_concurrency=JobBuffer.MAX_CONCURRENCY)
+    roles_up = Roles(buffer, buffer, refs, rewards, gens, policy, critic, start_generator, sync_cls(policy))
     try:
         get_unwrapped([g.weight_version.remote() for g in gens.values()])
         for group in (policy, critic):

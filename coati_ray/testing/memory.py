@@ -8,7 +8,7 @@ from typing import Any
 
 ROLE_NAMES = {"GeneratorWorker": "generator", "ReferenceWorker": "reference", "RewardWorker": "reward",
               "CriticWorker": "critic", "PolicyWorker": "trainer", "HybridWorker": "trainer (every role)",
-              "ReplayBuffer": "buffer", "JobControl": "control"}
+              "ReplayBuffer": "buffer", "JobBuffer": "buffer (and control)"}
 
 
 def role_of(proc) -> str:

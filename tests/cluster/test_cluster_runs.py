@@ -5,7 +5,7 @@ Nodes: a head (dashboard, metrics), two rollout nodes ({"rollout": 1}) and two t
 model and critic: these tests are about where actors run and what survives, not about learning.
 
 Runs go on in a background thread while the test looks at them from outside, the way a user
-does: the dashboard's HTTP API, Ray's metrics endpoint, a headless browser, the control actor.
+does: the dashboard's HTTP API, Ray's metrics endpoint, a headless browser, the job's control (in the buffer actor).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def wait_for(predicate, what: str, run: Background | None = None, timeout_s: flo
 
 
 def control_status(ray):
-    """The running job's status from its control actor (None before it exists)."""
+    """The running job's status from its control (the buffer actor; None before it exists)."""
     from coati_ray.cluster.control import NAME
 
     try:
@@ -119,7 +119,7 @@ def observed(sim, micro_model, tmp_path_factory):
     run = Background(lambda: ppo_run(micro_model, tmp_path_factory.mktemp("observed"), max_steps=200))
     wait_for(at_step(ray, 2), "step 2", run)
     names = ["generator-0", "generator-1", "reference-0", "reward-0", "trainer-0", "trainer-1", "critic-0",
-             "buffer-0", "control"]
+             "buffer-0"]  # buffer-0 also holds the job's control
 
     def all_alive():
         alive = {a.get("name") for a in list_actors_http(sim.dashboard_url) if a.get("state") == "ALIVE"}
@@ -168,7 +168,7 @@ def test_roles_land_only_on_their_node_types(observed):
             other = TRAINER if marker == ROLLOUT else ROLLOUT
             assert marker in nodes[node] and other not in nodes[node], f"{name} on {nodes[node]}"
             kinds[marker].add(node)
-        else:  # buffer-0 and control stay on the head node
+        else:  # buffer-0 (and with it the job's control) stays on the head node
             assert HEAD_RESOURCE in nodes[node], f"{name} on {nodes[node]}"
     # generators are spread over both rollout nodes; the two trainer ranks are packed onto one node
     assert placement["generator-0"] != placement["generator-1"]
@@ -179,8 +179,9 @@ def test_roles_land_only_on_their_node_types(observed):
 def test_the_dashboard_lists_every_role_actor_alive_during_the_run(observed):
     alive = observed["actors"]
     for name in ("generator-0", "generator-1", "reference-0", "reward-0", "trainer-0", "trainer-1", "critic-0",
-                 "buffer-0", "control"):
+                 "buffer-0"):
         assert name in alive
+    assert "control" not in alive  # the buffer is the job's control: no process of its own
 
 
 def test_the_metrics_endpoint_shows_our_metrics_with_plausible_values(observed):

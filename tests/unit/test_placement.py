@@ -18,7 +18,8 @@ def test_auto_placement_uses_node_types_once_any_marker_is_there(available):
     res = role_resources(RoleArgs(), available)
     for role, marker in ROLE_NODE.items():
         assert res[role] == {marker: MARKER_AMOUNT}
-    assert res["buffer"] == res["control"] == {HEAD_RESOURCE: MARKER_AMOUNT}
+    assert res["buffer"] == {HEAD_RESOURCE: MARKER_AMOUNT}  # which also holds the job's control
+    assert "control" not in res
 
 
 def test_placement_flags_rename_force_or_switch_off_the_markers():
