@@ -23,7 +23,9 @@ Measured per run: steady samples/s and generated tokens/s over steps 2..N, the w
 time (process start to exit, start-up and final save included), and the peak PSS of the run's
 whole process tree (Ray's daemons and every actor included), sampled with psutil every second and
 split by role at coati_ray's peak; coati_ray also reports its start-up timeline (Ray up, actors
-started, models loaded, first step). Prints one table per variant (medians, ratios of medians)
+started, models loaded, first step). `--floor` adds, each round, the bare model calls of coati_ray's
+step in one process on every core (scripts/peer_floor.py): the most any framework could get out of
+this machine on this work with these kernels. Prints one table per variant (medians, ratios of medians)
 and writes every number to --out. Not part of CI (minutes per run; it needs .venv-peer).
 """
 
@@ -169,6 +171,20 @@ def run_trl(variant: str, policy: str, reward: str, tmp: Path, r: int, timeout_s
             "step_s": summary["step_s"], "setup_s": summary["setup_s"]}
 
 
+def run_floor(variant: str, policy: str, reward: str, prompts: Path, tmp: Path, r: int,
+              timeout_s: float) -> dict[str, Any]:
+    """scripts/peer_floor.py: the bare model calls of coati_ray's step on the same work, in one process."""
+    P, K, N = VARIANTS[variant]
+    cmd = [sys.executable, "scripts/peer_floor.py", "--model_dir", policy, "--reward_dir", reward, "--prompts",
+           str(prompts), "--steps", str(N), "--prompts_per_step", str(P), "--new_tokens", str(K), "--seed", str(SEED)]
+    out = run_measured(cmd, dict(os.environ), timeout_s, tmp / f"floor-{variant}-{r}.log")
+    summary = next((x for x in out.pop("lines") if x.get("summary")), None)
+    if out["rc"] != 0 or summary is None:
+        raise SystemExit(f"floor run failed (exit {out['rc']}); its log: {out['log']}")
+    return {**out, "samples_per_s": summary["samples_per_s"], "tokens_per_s": summary["tokens_per_s"],
+            "exact": summary["exact"], "share": summary["share"]}
+
+
 def run_coati(variant: str, config: str, policy: str, reward: str, prompts: Path, tmp: Path, r: int,
               timeout_s: float, extra: list[str]) -> dict[str, Any]:
     P, K, N = VARIANTS[variant]
@@ -240,11 +256,14 @@ def print_table(variant: str, s: dict[str, Any], runs: dict[str, list[dict]]) ->
     for name, row in s["rows"].items():
         ratio = (f"{row['samples_per_s_ratio']:.2f}x | {row['run_s_ratio']:.2f}x | {row['peak_pss_mb_ratio']:.2f}x"
                  if name != "trl" else " | | ")
-        label = "TRL 1.12 PPOTrainer" if name == "trl" else f"coati_ray {name}"
+        label = {"trl": "TRL 1.12 PPOTrainer", "floor": "floor: coati_ray's bare model calls"}.get(
+            name, f"coati_ray {name}")
         print(f"| {label} | {row['samples_per_s']:.2f} | {row['tokens_per_s']:.0f} | {row['run_s']:.1f} | "
               f"{row['peak_pss_mb']:.0f} | {ratio} |")
     for name, rs in runs.items():
-        if name == "trl":
+        if name == "floor":
+            print(f"  floor: share of the step by call {rs[-1]['share']} (one process, every core, no framework)")
+        if name in ("trl", "floor"):
             continue
         last = rs[-1]
         print(f"  coati_ray {name}: start-up timeline (s) {last['timeline']}; step share {last['phase_share']}; "
@@ -256,6 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default="tiny,small", help="comma-separated, of: " + ", ".join(VARIANTS))
     p.add_argument("--configs", default="on_policy", help="coati_ray configurations, of: " + ", ".join(CONFIGS))
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (TRL, then each coati_ray config)")
+    p.add_argument("--floor", action="store_true", help="also time the bare model calls of coati_ray's step in "
+                   "one process (scripts/peer_floor.py) each round: what no framework can beat on this work")
     p.add_argument("--coati_flags", default="", help="extra flags for every coati_ray run (quoted)")
     p.add_argument("--timeout_s", type=float, default=1800.0, help="bound on one run")
     p.add_argument("--out", default="bench/peer.json", help="JSON with every run and the summaries")
@@ -286,11 +307,15 @@ def main(argv: list[str] | None = None) -> int:
         prompts = write_prompt_file(texts, tmp / f"prompts-{variant}.jsonl")
         print(f"{variant}: policy {params_m(policy, True)}M, reward/value {params_m(reward, False)}M parameters; "
               f"workdir {tmp}", flush=True)
-        runs: dict[str, list[dict]] = {"trl": [], **{c: [] for c in args.configs.split(",")}}
+        runs: dict[str, list[dict]] = {"trl": [], **({"floor": []} if args.floor else {}),
+                                       **{c: [] for c in args.configs.split(",")}}
         for r in range(args.rounds):
             runs["trl"].append(run_trl(variant, policy, reward, tmp, r, args.timeout_s))
             print(f"  round {r + 1} trl: {runs['trl'][-1]['samples_per_s']} samples/s, "
                   f"{runs['trl'][-1]['run_s']} s, {runs['trl'][-1]['peak_pss_mb']:.0f} MB", flush=True)
+            if args.floor:
+                runs["floor"].append(run_floor(variant, policy, reward, prompts, tmp, r, args.timeout_s))
+                print(f"  round {r + 1} floor: {runs['floor'][-1]['samples_per_s']} samples/s", flush=True)
             configs = args.configs.split(",")
             for c in configs if r % 2 == 0 else configs[::-1]:  # alternate the order: no config always runs first
                 runs[c].append(run_coati(variant, c, policy, reward, prompts, tmp, r, args.timeout_s,
