@@ -93,7 +93,7 @@ def test_launcher_joins_a_running_cluster_with_address(ray_cluster, tmp_path):
     (["--lr", "nan"], "error: --lr: must be a finite number, got nan"),
     (["--kl_coef", "inf"], "error: --kl_coef: must be a finite number, got inf"),
     (["--grad_clip", "nan"], "error: --grad_clip: must be a finite number, got nan"),
-    (["--actors", "64"], "error: --actors: 70 actor processes (64 generators"),
+    (["--actors", "64"], "error: --actors: 69 actor processes (64 generators"),
     (["--rm_path", "{tmp}"], "is not a model directory"),
     (["--resume", "{tmp}"], "is not a PPO checkpoint (no ppo_state.json in it)"),
     # issue 16: reward sources, checked before Ray starts (the function file is not run in the driver)
