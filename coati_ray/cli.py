@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TypeVar
 
+from coati_ray.config_file import ConfigFileError, file_defaults, split_config_flag
 from coati_ray.errors import CoatiError
 from coati_ray.runtime import quiet_libraries
 
@@ -50,8 +51,20 @@ def parse(dataclasses: Sequence[type], argv: Sequence[str] | None, description: 
                             help="Run the single trainer in this process instead of as a Ray actor (debugging).")
     if defaults:
         parser.set_defaults(**defaults)
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of flag: value lines (flag names "
+                        "without --); flags on the command line override it. A run's save_path/config.yaml is one.")
     explain_negations(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config_path, argv = split_config_flag(argv)
+        if config_path:
+            values = file_defaults(parser, config_path)
+            for action in parser._actions:
+                if action.dest in values:
+                    action.required = False  # the file gave it
+            parser.set_defaults(**values)
+    except ConfigFileError as e:
+        parser.error(str(e))
     if "--resume" in parser._option_string_actions:
         argv = _bare_resume_means_auto(argv)
     *parts, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
@@ -60,6 +73,7 @@ def parse(dataclasses: Sequence[type], argv: Sequence[str] | None, description: 
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     # HfArgumentParser appends the namespace of the non-dataclass arguments only when there are some
     extra = parts.pop() if len(parts) > len(dataclasses) else argparse.Namespace()
+    vars(extra).pop("config", None)  # read above
     if check is not None and (message := check(parts)):
         parser.error(message)
     return parts, extra

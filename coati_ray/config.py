@@ -15,8 +15,6 @@ from coati_ray.errors import ConfigError
 # colossalai_ddp / colossalai_hybrid run the colossalai booster path on CPU (see engines/strategy.py)
 Strategy = Literal["ddp", "fsdp", "colossalai_zero2", "colossalai_gemini", "colossalai_ddp", "colossalai_hybrid"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
-PRESET_LR = 1e-3  # a randomly initialised tiny model learns at this rate
-PRETRAINED_LR = 5e-6  # ColossalChat's default for real pretrained models
 
 
 def _help(text: str, **kw):
@@ -197,8 +195,9 @@ class OptimArgs:
     """The optimizer side shared by the stages' trainer groups."""
 
     strategy: Strategy = _help(f"Trainer strategy: one of {', '.join(STRATEGIES)}.", default="ddp")
-    lr: float | None = _help(f"Peak learning rate; default {PRESET_LR} for the tiny preset, "
-                             f"{PRETRAINED_LR} for a --pretrain model.", default=None)
+    lr: float | None = _help("Peak learning rate; default: by the stage and the model's size (SFT 1e-3 under 100M "
+                             "parameters, 2e-5 to 3B, 5e-6 above; RM and DPO lower: docs/stages.md), said at "
+                             "start-up.", default=None)
     max_epochs: int = _help("Passes over the training data.", default=1)
     max_steps: int | None = _help("Stop after this many optimizer steps (default: max_epochs worth).",
                                   default=None)

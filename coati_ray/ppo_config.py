@@ -32,11 +32,6 @@ from coati_ray.config import (
 from coati_ray.errors import ConfigError
 from coati_ray.sync import TRANSPORTS, transport_class
 
-PPO_PRESET_LR = 2e-5  # PPO moves a converged SFT policy gently; the critic's head starts from the RM's
-PPO_PRESET_CRITIC_LR = 1e-4
-PPO_PRETRAINED_LR = 1e-6  # OpenRLHF's actor default for 7B models
-PPO_PRETRAINED_CRITIC_LR = 9e-6
-
 
 @dataclass
 class RolloutArgs:
@@ -185,8 +180,8 @@ class PPORunArgs(RunArgs, OptimArgs):
     train_batch_size: int = _help("Samples per optimizer step per trainer. A step's samples "
                                   "(experience_batch_size x n_samples_per_prompt) must divide into "
                                   "train_batch_size x trainers.", default=16)
-    critic_lr: float | None = _help(f"Critic learning rate; default {PPO_PRESET_CRITIC_LR} (preset), "
-                                    f"{PPO_PRETRAINED_CRITIC_LR} otherwise.", default=None)
+    critic_lr: float | None = _help("Critic learning rate; default: by the critic's size (1e-4 under 100M "
+                                    "parameters, 9e-6 above), said at start-up.", default=None)
     max_staleness: int = _help("0: on-policy (step v+1 trains only on samples of weights v). k > 0: async, "
                                "generators run up to k versions ahead.", default=0)
     buffer_limit: int | None = _help("Replay buffer capacity in samples; default (max_staleness + 1) x the "
@@ -197,8 +192,8 @@ class PPORunArgs(RunArgs, OptimArgs):
     # The shared fields whose meaning or default differs in stage 3:
     strategy: Strategy = _help(f"Trainer strategy of the policy and critic groups: {', '.join(STRATEGIES)}.",
                           default="ddp")
-    lr: float | None = _help(f"Policy learning rate; default {PPO_PRESET_LR} for the tiny preset, "
-                             f"{PPO_PRETRAINED_LR} otherwise.", default=None)
+    lr: float | None = _help("Policy learning rate; default: by the policy's size (2e-5 under 100M parameters, "
+                             "1e-6 to 3B, 5e-7 above), said at start-up.", default=None)
     max_epochs: int = _help("PPO epochs over each step's experience.", default=1)
     max_steps: int | None = _help("Stop after this many PPO steps (policy versions).", default=None)
     log_interval: int = _help("Print a metrics line every N steps.", default=1)

@@ -1,13 +1,15 @@
 """A run's directory (`--save_path`): who owns it, which checkpoints belong to it, how many are kept.
 
     save_path/run.json                 {"run_id", "stage", "started", "config"}: written when a run starts
+    save_path/config.yaml              its configuration as flags (coati_ray/config_file.py): --config takes
+                                       it, --resume compares against it
     save_path/checkpoints/step_N/      one resumable checkpoint; its marker file (trainer_state.json for
                                        SFT/RM, ppo_state.json for PPO) is written last and names the run_id
     save_path/checkpoints/step_N.tmp/  a save in progress (or killed midway): never resumed from
 
 A new run refuses a directory that already holds files unless `--resume` continues it or
 `--overwrite` replaces it, so two runs never mix: `--resume auto` takes only checkpoints whose
-run_id is the directory's own. Ground floor: imports nothing of coati_ray but `errors`.
+run_id is the directory's own. Ground floor: imports nothing of coati_ray but `errors` and `config_file`.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from coati_ray.config_file import check_resumed_config, write_config
 from coati_ray.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 # what --overwrite removes: the previous run's own state (its model files are replaced when the new run saves)
-RUN_STATE = ("checkpoints", "tensorboard", "critic", RUN_FILE, "train_summary.json", "ppo_summary.json")
+RUN_STATE = ("checkpoints", "tensorboard", "critic", RUN_FILE, "config.yaml", "train_summary.json",
+             "ppo_summary.json")
 
 
 def check_save_path(save_path: str, resume: str, overwrite: bool) -> None:
@@ -62,11 +66,19 @@ def start_run(save_path: str, stage: str, resume: str, overwrite: bool, config: 
     path.mkdir(parents=True, exist_ok=True)
     previous = run_id_of(save_path)
     if resume != "no" and previous:
-        return previous
+        return previous  # check_resume_config ran before anything started
     run_id = uuid.uuid4().hex[:12]
     (path / RUN_FILE).write_text(json.dumps({"run_id": run_id, "stage": stage, "started": time.time(),
                                              "config": config}, indent=1, default=str))
+    write_config(save_path, config)
     return run_id
+
+
+def check_resume_config(save_path: str, resume: str, config: dict[str, Any]) -> None:
+    """Before anything starts: a resumed run must train what the run in `save_path` trained
+    (coati_ray/config_file.py says what may differ)."""
+    if resume != "no" and run_id_of(save_path):
+        check_resumed_config(save_path, config)
 
 
 def run_id_of(save_path: str) -> str | None:

@@ -34,7 +34,7 @@ from coati_ray.pipelines.ppo_roles import (
     start_roles,
 )
 from coati_ray.ppo_config import PARTS, PPOConfig
-from coati_ray.run_dir import ScalarWriter, start_run
+from coati_ray.run_dir import ScalarWriter, check_resume_config, start_run
 from coati_ray.runtime import get_all, get_unwrapped
 from coati_ray.sync.base import WeightTicket
 
@@ -124,10 +124,16 @@ def ppo_step(step: int, cfg: PPOConfig, actors: Roles, st: StepState) -> StepOut
     return StepOut(m, ids, versions, taken)
 
 
+def run_config(cfg: PPOConfig) -> dict[str, dict[str, Any]]:
+    """The run's flags by part: run.json's `config` and save_path/config.yaml."""
+    return {part: asdict(getattr(cfg, part)) for part in PARTS}
+
+
 def run_ppo(cfg: PPOConfig, progress: bool = True) -> PPOResult:
     """Run stage 3 and save the policy to `--save_path` (the critic to `save_path/critic`)."""
     t0 = time.perf_counter()
     cfg.validate()
+    check_resume_config(cfg.run.save_path, cfg.run.resume, run_config(cfg))
     check_plan_fits(cfg)
     jobs = make_jobs(cfg)
     n_prompts = count_prompts(jobs)
@@ -165,12 +171,12 @@ def _set_up(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int) -> tup
     info = get_all(futs, actors.policy.labels("setup"))[0]
     cinfo = get_all(cfuts, actors.critic.labels("setup"))[0] if cfuts else None
     logger.info("ppo: %d prompts, %d steps (%d per episode), %d samples per step; policy %.2fM params "
-                "(%.2fM trainable, lr %.1e)%s; %d generators, %d trainers, %s", n_prompts, total, spe,
-                cfg.step_samples(), info["params"] / 1e6, info["trainable_params"] / 1e6, info["lr"],
-                f", critic lr {cinfo['lr']:.1e}" if cinfo else "", len(actors.generators), actors.policy.n,
+                "(%.2fM trainable, lr %.1e: %s)%s; %d generators, %d trainers, %s", n_prompts, total, spe,
+                cfg.step_samples(), info["params"] / 1e6, info["trainable_params"] / 1e6, info["lr"], info["lr_why"],
+                f", critic lr {cinfo['lr']:.1e} ({cinfo['lr_why']})" if cinfo else "", len(actors.generators),
+                actors.policy.n,
                 "on-policy" if run.max_staleness == 0 else f"async (max_staleness {run.max_staleness})")
-    run_id = start_run(run.save_path, "ppo", run.resume, run.overwrite,
-                       {part: asdict(getattr(cfg, part)) for part in PARTS})
+    run_id = start_run(run.save_path, "ppo", run.resume, run.overwrite, run_config(cfg))
     kl_ctl = make_kl_controller(cfg.objective.kl_coef, cfg.objective.kl_target, cfg.objective.kl_horizon)
     result = PPOResult(run.save_path, total, placement=actors.placement(), run_id=run_id)
     result.start_step = ppo_state.resume(cfg, actors, kl_ctl)

@@ -16,13 +16,7 @@ from typing import TYPE_CHECKING, Any
 from coati_ray.algos import NEEDS_CRITIC
 from coati_ray.defaults import demo_file
 from coati_ray.errors import ConfigError, DataError, ModelLoadError
-from coati_ray.ppo_config import (
-    PPO_PRESET_CRITIC_LR,
-    PPO_PRESET_LR,
-    PPO_PRETRAINED_CRITIC_LR,
-    PPO_PRETRAINED_LR,
-    PPOConfig,
-)
+from coati_ray.ppo_config import PPOConfig
 from coati_ray.runtime import get_unwrapped, start_actor
 from coati_ray.sync import transport_class
 from coati_ray.sync.base import WeightSync
@@ -76,16 +70,15 @@ def make_jobs(cfg: PPOConfig) -> PPOJobs:
     for f in (prompt_file, pretrain_file):
         if f and not Path(f).exists():
             raise DataError(f, "no such file or directory")
-    preset = model.pretrain is None  # picks the default learning rates
 
-    def update(lr: float | None, preset_lr: float, pretrained_lr: float) -> UpdateSpec:
-        return UpdateSpec(run.strategy, lr or (preset_lr if preset else pretrained_lr), run.grad_clip,
+    def update(lr: float | None) -> UpdateSpec:  # None: the trainer picks by the model's size (lr_defaults.py)
+        return UpdateSpec(run.strategy, lr, run.grad_clip,
                           run.train_batch_size, run.max_epochs, run.seed)
 
     engine_options = transport_class(ro.vllm_weight_sync).engine_options() if ro.generator_backend == "vllm" else {}
     rollout = RolloutJob(model=model, policy_path=policy_path, prompt_file=prompt_file, data=cfg.data, rollout=ro,
                          objective=obj, seed=run.seed, engine_options=engine_options, reward_specs=reward_specs)
-    policy = PolicyJob(model=model, policy_path=policy_path, update=update(run.lr, PPO_PRESET_LR, PPO_PRETRAINED_LR),
+    policy = PolicyJob(model=model, policy_path=policy_path, update=update(run.lr),
                        objective=obj, temperature=ro.temperature, pretrain_file=pretrain_file, data=cfg.data,
                        max_new_tokens=ro.max_new_tokens)
     critic = None
@@ -93,7 +86,7 @@ def make_jobs(cfg: PPOConfig) -> PPOJobs:
         # the critic starts from the RM (as ColossalChat does); without one, from the policy (a new value head)
         critic = CriticJob(model=model, critic_path=run.critic_pretrain or rm_path or policy_path,
                            tokenizer_path=policy_path,
-                           update=update(run.critic_lr, PPO_PRESET_CRITIC_LR, PPO_PRETRAINED_CRITIC_LR),
+                           update=update(run.critic_lr),
                            objective=obj, n_samples_per_prompt=ro.n_samples_per_prompt, packing=cfg.data.packing)
     return PPOJobs(policy_path, rm_path, prompt_file, rollout, policy, critic, reward_specs)
 

@@ -34,7 +34,7 @@ from coati_ray.config import (
 from coati_ray.defaults import demo_file
 from coati_ray.errors import ConfigError, DataError
 from coati_ray.models.loading import check_family, load_config, resolve_model_path
-from coati_ray.run_dir import ScalarWriter, prune_checkpoints, resume_checkpoint, start_run
+from coati_ray.run_dir import ScalarWriter, check_resume_config, prune_checkpoints, resume_checkpoint, start_run
 from coati_ray.workers.trainer import SetupInfo, TrainJob
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,7 @@ def make_job(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainArgs,
     for f in (train_file, eval_file):
         if f and not Path(f).exists():
             raise DataError(f, "no such file or directory")
-    return TrainJob(stage, model_path, train_file, eval_file, model, data, train, rm, is_preset=model.pretrain is None,
-                    pref=pref)
+    return TrainJob(stage, model_path, train_file, eval_file, model, data, train, rm, pref=pref)
 
 
 def run_training(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainArgs, cluster: ClusterArgs,
@@ -91,18 +90,24 @@ def run_training(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainA
     if local and cluster.trainers != 1:
         raise ConfigError("local", f"runs the single trainer in this process; got --trainers {cluster.trainers}")
     job = make_job(stage, model, data, train, rm, pref)
+    config = {"model": asdict(model), "data": asdict(job.data), "train": asdict(train), "cluster": asdict(cluster)}
+    for name, part in (("rm", job.rm), ("preference", job.pref)):
+        if part is not None:
+            config[name] = asdict(part)
+    check_resume_config(train.save_path, train.resume, config)
     cpus = cluster.trainer_cpus()
     if not local:
         init_ray(cluster.address, num_cpus=int(cluster.trainers * cpus), dashboard_host=cluster.dashboard_host,
                  dashboard=cluster.dashboard)
     group = TrainerGroup(cluster.trainers, cpus, cluster.gpus_per_trainer, local=local)
     try:
-        return _loop(stage, group, job, train, model, progress)
+        return _loop(stage, group, job, train, progress, config)
     finally:
         group.shutdown()
 
 
-def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: ModelArgs, progress: bool) -> TrainResult:
+def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, progress: bool,
+          config: dict) -> TrainResult:
     from tqdm import tqdm
 
     info = group.setup(job)
@@ -110,15 +115,13 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: Mod
         logger.info("reference log-probs of %d rows computed in %.1f s (once, from the starting model)",
                     info.n_train + info.n_eval, info.reference_seconds)
     logger.info("%s: %d train / %d eval samples, global batch %d, %d steps/epoch, %d steps, %.2fM params "
-                "(%.2fM trainable), lr %.1e", stage, info.n_train, info.n_eval, info.global_batch,
-                info.steps_per_epoch, info.total_steps, info.params / 1e6, info.trainable_params / 1e6, info.lr)
+                "(%.2fM trainable), lr %.1e (%s)", stage, info.n_train, info.n_eval, info.global_batch,
+                info.steps_per_epoch, info.total_steps, info.params / 1e6, info.trainable_params / 1e6, info.lr,
+                info.lr_why)
     if info.padding:
         logger.info("%s micro-batches (rank 0, one epoch): %s", stage, info.padding)
     result = TrainResult(ta.save_path, info)
     save = Path(ta.save_path)
-    config = {"model": asdict(ma), "data": asdict(job.data), "train": asdict(ta)}
-    if job.pref is not None:
-        config["preference"] = asdict(job.pref)
     run_id = start_run(ta.save_path, stage, ta.resume, ta.overwrite, config)
     result.run_id = run_id
 
@@ -168,7 +171,7 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, ma: Mod
         bar.close()
     _evaluate(group, result, writer, step, None)
     checkpoint(step)
-    group.save_model(ta.save_path, ma.merge_lora)
+    group.save_model(ta.save_path, job.model.merge_lora)
     writer.close()
     (save / "train_summary.json").write_text(json.dumps({
         "stage": stage, "steps": step, "run_id": run_id, "final_eval": result.final_eval,

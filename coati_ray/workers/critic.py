@@ -30,6 +30,8 @@ def action_values(model, exp: Experience) -> torch.Tensor:
 
 
 class CriticWorker(PPORank):
+    lr_role, lr_flag = "critic", "--critic_lr"
+
     def setup(self, job: CriticJob) -> dict[str, float]:
         self.job = job
         return self._setup_common(job.update, job.tokenizer_path, job.model.dtype, job.packing)

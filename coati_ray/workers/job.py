@@ -35,7 +35,7 @@ class UpdateSpec:
     """How a PPO trainer group updates: the same for the policy and the critic but the learning rate."""
 
     strategy: str
-    lr: float  # resolved (preset or pretrained default when the flag is not given)
+    lr: float | None  # the flag; None: the default for the model's size (coati_ray/lr_defaults.py)
     grad_clip: float
     train_batch_size: int  # samples per optimizer step per rank
     max_epochs: int  # passes over each step's experience

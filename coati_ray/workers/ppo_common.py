@@ -16,6 +16,7 @@ class PPORank(RankWorker):
     """A trainer rank of the policy or critic group: its model and optimizer come from an UpdateSpec."""
 
     stage = "ppo"
+    lr_role, lr_flag = "ppo", "--lr"  # the critic's: "critic", "--critic_lr"
 
     def _setup_common(self, update: UpdateSpec, tokenizer_path: str, dtype: str,
                       packing: bool = False) -> dict[str, float]:
@@ -31,14 +32,17 @@ class PPORank(RankWorker):
         model = self.build_model()
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.lr = lr = update.lr
+        from coati_ray.lr_defaults import lr_and_why
+
+        lr, why = lr_and_why(update.lr, self.lr_role, params, self.lr_flag)
+        self.lr = lr
         self.model, self.optimizer = self.strategy.prepare(model, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
         from coati_ray.models.heads import set_packing
 
         set_packing(self.model, packing)  # --packing: padded experience runs packed (models/heads.py)
         # kept for the checkpoint format
         self.scheduler = get_constant_schedule(self.strategy.schedulable(self.optimizer))
-        return {"params": params, "trainable_params": trainable, "lr": lr}
+        return {"params": params, "trainable_params": trainable, "lr": lr, "lr_why": why}
 
     @property
     def tokenizer(self):

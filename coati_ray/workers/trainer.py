@@ -20,8 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from coati_ray.config import (
-    PRESET_LR,
-    PRETRAINED_LR,
     FileDataArgs,
     ModelArgs,
     PreferenceArgs,
@@ -29,6 +27,7 @@ from coati_ray.config import (
     TrainArgs,
 )
 from coati_ray.engines.strategy import make_strategy
+from coati_ray.lr_defaults import lr_and_why
 from coati_ray.workers.rank import RankWorker
 from coati_ray.workers.tasks import RMTask, SFTTask, Task
 
@@ -47,7 +46,6 @@ class TrainJob:
     data: FileDataArgs  # SFTDataArgs (sft) or PairDataArgs (rm)
     train: TrainArgs
     rm: RMArgs | None = None
-    is_preset: bool = True  # picks the default learning rate
     pref: PreferenceArgs | None = None  # stage "dpo"
 
 
@@ -63,6 +61,7 @@ class SetupInfo:
     skipped_rows: list[str]
     dropped_samples: int
     lr: float
+    lr_why: str  # the flag, or the default for the model's size (coati_ray/lr_defaults.py)
     reference_seconds: float = 0.0  # the reference log-prob pass before training (stage "dpo")
     padding: str = ""  # share of padded positions in the first epoch's micro-batches, padded and packed
 
@@ -91,7 +90,7 @@ class TrainerWorker(RankWorker):
         t_ref = self.task.before_training(model, self)
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.lr = ta.lr or (PRESET_LR if job.is_preset else PRETRAINED_LR)
+        self.lr, lr_why = lr_and_why(ta.lr, job.stage, params)
         self.model, self.optimizer = self.strategy.prepare(model, lr=self.lr, weight_decay=ta.weight_decay,
                                                            betas=(ta.adam_beta1, ta.adam_beta2))
         self.global_batch = ta.batch_size * ta.accumulation_steps * self.world_size
@@ -113,8 +112,8 @@ class TrainerWorker(RankWorker):
         padding = "" if job.stage == "dpo" else self.task.padding_report(
             [[self.data.train[i] for i in mb] for s in range(self.steps_per_epoch) for mb in self._micro_batches(s)])
         return SetupInfo(len(self.data.train), len(self.data.eval), self.steps_per_epoch, self.total_steps,
-                         self.global_batch, params, trainable, self.data.skipped, self.data.dropped, self.lr, t_ref,
-                         padding)
+                         self.global_batch, params, trainable, self.data.skipped, self.data.dropped, self.lr, lr_why,
+                         t_ref, padding)
 
     # --- training -------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,9 +68,20 @@ def test_sft_launcher_trains_saves_and_resumes(tmp_path):
     line = next(l for l in p.stderr.splitlines() if "error:" in l)
     assert f"error: --save_path: {out} already holds files (chat_template.jinja, checkpoints, config.json" in line
     assert "continue that run with --resume auto, replace it with --overwrite" in p.stderr
-    p = run("train_sft.py", *common, "--max_steps", "15", "--resume")
+    # the run wrote its configuration as flags; a resume that changes what is trained is refused before Ray starts
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["max_steps"], config["trainers"], config["batch_size"], config["lr"]) == (10, 2, 8, None)
+    assert "resume" not in config and "overwrite" not in config
+    p = run("train_sft.py", "--config", str(out / "config.yaml"), "--lr", "0.5", "--resume")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "starting a local Ray" not in p.stderr
+    assert f"error: --resume: this command changes what the run in {out} trains (lr: None there, 0.5 now)" in p.stderr
+    # the file repeats the run; the command line extends it (max_steps may change: a warning)
+    p = run("train_sft.py", "--config", str(out / "config.yaml"), "--max_steps", "15", "--resume")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stderr and json.loads((out / "train_summary.json").read_text())["steps"] == 15
+    assert "--resume: continuing with changed max_steps (10 -> 15)" in p.stderr
     # --keep_checkpoints 2 (the default): step_5 went when step_15 was written
     assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["step_10", "step_15"]
 
@@ -81,6 +93,9 @@ def test_launcher_joins_a_running_cluster_with_address(ray_cluster, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"joining Ray cluster at {address}" in p.stderr
     assert "RM done: held-out accuracy" in p.stdout
+    # no --lr: the default for the model's size, said at start-up (the micro preset: 0.2M parameters)
+    assert re.search(r"lr 2\.0e-04 \(the rm default for a 0\.\dM-parameter model \(under 100M parameters\); --lr sets "
+                     r"it\)", p.stderr), p.stderr[-2000:]
     assert (tmp_path / "rm" / "config.json").exists()
 
 

@@ -31,10 +31,11 @@ def checkpoint(save, step: int, run_id: str | None, marker: str = MARK, complete
 
 def test_a_new_or_empty_directory_is_taken_and_gets_a_run_id(tmp_path):
     save = tmp_path / "new" / "run"
-    run_id = start_run(str(save), "sft", "no", False, {"lr": 0.1})
+    run_id = start_run(str(save), "sft", "no", False, {"train": {"lr": 0.1, "resume": "no"}})
     info = json.loads((save / "run.json").read_text())
     assert info["run_id"] == run_id == run_id_of(str(save)) and len(run_id) == 12
-    assert info["stage"] == "sft" and info["config"] == {"lr": 0.1}
+    assert info["stage"] == "sft" and info["config"] == {"train": {"lr": 0.1, "resume": "no"}}
+    assert (save / "config.yaml").read_text().endswith("\nlr: 0.1\n")  # the flags, without run control
     (tmp_path / "empty").mkdir()
     check_save_path(str(tmp_path / "empty"), "no", False)  # an empty directory is fine
 
@@ -46,7 +47,8 @@ def test_a_fresh_run_into_a_directory_that_holds_files_is_refused(tmp_path):
     (save / "model.safetensors").write_bytes(b"w")
     with pytest.raises(ConfigError) as e:
         check_save_path(str(save), "no", False)
-    assert str(e.value) == (f"--save_path: {save} already holds files (checkpoints, model.safetensors, run.json); "
+    assert str(e.value) == (f"--save_path: {save} already holds files (checkpoints, config.yaml, model.safetensors, "
+                            "run.json); "
                             "continue that run with --resume auto, replace it with --overwrite, or pick another "
                             "--save_path")
     check_save_path(str(save), "auto", False)  # continuing it is fine
