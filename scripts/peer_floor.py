@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="The bare model calls of coati_ray's PPO step (scripts/bench_peer.py --floor).")
+    p = argparse.ArgumentParser(
+        description="The bare model calls of coati_ray's PPO step (scripts/bench_peer.py --floor).")
     p.add_argument("--model_dir", required=True, help="the policy's HF directory (also the reference)")
     p.add_argument("--reward_dir", required=True, help="the reward model's directory (also the critic's start)")
     p.add_argument("--prompts", required=True, help="the JSONL prompt file bench_peer.py wrote (its step plan)")
