@@ -216,10 +216,8 @@ def coati_child(argv: list[str]) -> int:
     import logging
 
     t0 = time.perf_counter()
-    sys.path.insert(0, str(ROOT / "launchers"))
-    from ppo_cluster import main
-
     from coati_ray.cli import run_main
+    from coati_ray.commands.ppo_cluster import main
 
     result = run_main(lambda: main(argv))
     logging.shutdown()

@@ -52,6 +52,39 @@ def test_every_launcher_is_covered():
     assert set(LAUNCHERS) == set(INT_FLAG)
 
 
+def coati(*args: str, script: bool = False) -> subprocess.CompletedProcess:
+    """The `coati` command: its console script (what `pip install` makes), or `python -m coati_ray.commands`."""
+    exe = Path(sys.executable).parent / "coati"
+    if script:
+        assert exe.exists(), f"{exe} is missing: reinstall the package (scripts/setup.sh test) for its script"
+    cmd = [str(exe)] if script else [sys.executable, "-m", "coati_ray.commands"]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT, check=False)
+
+
+def test_the_coati_command_runs_every_launcher_by_name():
+    import tomllib
+
+    from coati_ray.commands import COMMANDS
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"coati": "coati_ray.commands:main"}
+    assert {f"{module}.py" for module, _ in COMMANDS.values()} == set(LAUNCHERS)  # one sub-command per launcher
+    p = coati("--help", script=True)
+    assert p.returncode == 0 and all(f"  {name}" in p.stdout for name in COMMANDS), p.stdout
+    # a sub-command is its launcher: the same flags, and usage lines that name it
+    for name, (module, _) in COMMANDS.items():
+        sub, launcher = coati(name, "--help"), run(f"{module}.py", "--help")
+        assert sub.returncode == launcher.returncode == 0, sub.stderr[-2000:]
+        assert help_entries(sub.stdout) == help_entries(launcher.stdout), name
+        assert sub.stdout.startswith(f"usage: coati {name} "), sub.stdout[:200]
+    p = coati("trian")
+    assert p.returncode == 2 and p.stderr.splitlines()[-1] == (
+        "coati: error: unknown command 'trian'; expected one of sft, rm, dpo, ppo, serve, demo, control")
+    p = coati("sft", "--max_stepz", "3")
+    assert p.returncode == 2 and p.stderr.splitlines()[-1] == "coati sft: error: unrecognized arguments: --max_stepz 3"
+
+
 def help_of(script: str) -> dict[str, str]:
     p = run(script, "--help")
     assert p.returncode == 0, p.stderr[-2000:]
