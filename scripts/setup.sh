@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 EXTRAS="${1:-}"
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
+say() { echo "setup: $*" >&2; }
 if [ ! -x "$VENV/bin/python" ]; then
+  say "creating the environment $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
@@ -24,10 +26,18 @@ quiet() {
   fi
   rm -f "$log"
 }
-python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '${TORCH_SPEC:-torch==2.13.0}'.split('==')[-1] else 1)" 2>/dev/null \
-  || quiet pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+if python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '${TORCH_SPEC:-torch==2.13.0}'.split('==')[-1] else 1)" 2>/dev/null; then
+  say "${TORCH_SPEC:-torch==2.13.0} is installed in $VENV"
+else
+  say "installing ${TORCH_SPEC:-torch==2.13.0} into $VENV (first: pip must not replace it later; a minute or two)"
+  quiet pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+started=$SECONDS
 if [ -n "$EXTRAS" ]; then
+  say "installing coati_ray with the extras [$EXTRAS] and what they pin (ray, transformers, peft, datasets, ...; a few minutes on first run)"
   quiet pip install -q -e ".[$EXTRAS]"
 else
+  say "installing coati_ray and what it pins (ray, transformers, peft, datasets, ...; a few minutes on first run)"
   quiet pip install -q -e .
 fi
+say "coati_ray installed ($((SECONDS - started)) s); activate the environment with '. $VENV/bin/activate'"

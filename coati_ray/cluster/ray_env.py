@@ -38,7 +38,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, namespace:
         ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
     else:
         cpus = max(os.cpu_count() or 1, num_cpus or 0, LOCAL_MIN_CPUS)
-        logger.info("starting a local Ray with %d CPUs", cpus)
+        logger.info("starting a local Ray (%d logical CPUs on this %d-core machine)", cpus, os.cpu_count() or 1)
+        # Ray's own line that token auth is on (with a link) says what ours after start-up does
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # The dashboard listens on 127.0.0.1 unless --dashboard_host says otherwise.
         if dashboard_host != "127.0.0.1":
             logger.warning("the Ray dashboard listens on %s: anyone who can reach it and has the token can run "
@@ -55,13 +57,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, namespace:
 
 
 def dashboard_sign_in(joined: bool) -> str:
-    """How to get into the dashboard under Ray's token auth, in one line."""
+    """How to get into the dashboard under Ray's token auth, in a few words (docs/cluster.md says more:
+    the token is ~/.ray/auth_token; from another machine, tunnel with `ray dashboard cluster.yaml`)."""
     if os.environ.get("RAY_AUTH_MODE") == "disabled":
-        return "token auth is off (RAY_AUTH_MODE=disabled): keep it on localhost"
-    where = "on the head node" if joined else "here"
-    return (f"it asks for the cluster's token: paste the output of `ray get-auth-token` run {where} "
-            "(the file ~/.ray/auth_token); from another machine, tunnel it: `ray dashboard cluster.yaml` "
-            "or ssh -L 8265:127.0.0.1:8265")
+        return "token auth off: keep it on localhost"
+    return "token auth on; the token: `ray get-auth-token`" + (" on the head node" if joined else "")
 
 
 def _start_local(ray, **init_kwargs):

@@ -244,7 +244,8 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
 
     def start_generator(i: int):
         # The buffer, not Ray, issues a dead generator's chunk again (to whichever generator is free).
-        args = (i, jobs.rollout, refs, rewards, int(roles.generator_cpus), scorers)
+        args = (i, jobs.rollout, [f"reference-{k}" for k in range(n_refs)], [f"reward-{k}" for k in range(n_rewards)],
+                int(roles.generator_cpus), scorers)
         return start_actor(GeneratorWorker, f"generator-{i}", args,
                            max_restarts=roles.max_restarts if sync_cls.restartable_generators else 0,
                            max_task_retries=0, **generator_placement(cfg, res.get("generator")))

@@ -39,10 +39,22 @@ from coati_ray.workers.job import RolloutJob
 logger = logging.getLogger(__name__)
 
 
+def _actor(name_or_handle):
+    """An actor by name. A restartable actor's constructor takes other actors' names, not handles: a
+    handle in the arguments is a reference Ray must keep for a restart (it says so, as an error line,
+    at every start: ray-project/ray#53727), while a name is looked up again by the restarted one."""
+    if not isinstance(name_or_handle, str):
+        return name_or_handle
+    import ray
+
+    return ray.get_actor(name_or_handle)
+
+
 class GeneratorWorker:
     def __init__(self, index: int, job: RolloutJob, references: list, rewards: list, num_threads: int = 1,
                  scorers: tuple | None = None, share_policy: bool = False):
-        """`references` / `rewards`: actor handles to score with; or, with `scorers` = (ReferenceWorker
+        """`references` / `rewards`: the names (or handles) of the actors to score with; or, with `scorers` =
+        (ReferenceWorker
         arguments, RewardWorker arguments) and no handles, both built here and called in this process
         (--colocate rollout). `share_policy`: no engine of its own; the trainer rank that holds this
         generator sets `backend` to one over its module (--colocate all, workers/hybrid.py)."""
@@ -61,8 +73,8 @@ class GeneratorWorker:
 
             self.reference, self.reward = ReferenceWorker(*scorers[0]), RewardWorker(*scorers[1])
         else:
-            self.reference = references[index % len(references)]
-            self.reward = rewards[index % len(rewards)]
+            self.reference = _actor(references[index % len(references)])
+            self.reward = _actor(rewards[index % len(rewards)])
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = load_tokenizer(job.policy_path)
         loaded = load_rows(job.prompt_file, prompt_columns(job.data.keys()), job.data.skip_bad_rows)
