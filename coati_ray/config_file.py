@@ -5,7 +5,7 @@ A config file is one mapping of flag names (without `--`) to values, as TRL's `-
     pretrain: Qwen/Qwen2.5-0.5B-Instruct      # a model path or hub name
     lr: 1.0e-5
     packing: false                            # a switch: true / false
-    reward_fn: [math_verify]                  # a flag that takes several values: a list
+    reward_fn: [math]                         # a flag that takes several values: a list
 
 Flags on the command line override the file. Every value goes through the flag's own type and
 choices, so the file cannot say what the command line could not; a wrong key or value is one
@@ -36,7 +36,8 @@ RUN_CONTROL = ("resume", "overwrite")
 # how long it goes on (max_steps: a learning-rate schedule over the run's length follows the new value)
 HARMLESS = {"log_interval", "ckpt_interval", "keep_checkpoints", "sync_check_interval", "save_path", "strategy",
             "log_samples_interval", "report_to", "max_steps"}
-HARMLESS_PARTS = ("cluster", "roles")  # the PPO parts that place actors (the samples of a seed do not depend on them)
+# the parts that say how many actors run where (PPO's roles; every stage's cluster)
+HARMLESS_PARTS = ("cluster", "roles")
 
 
 class ConfigFileError(CoatiError, ValueError):
