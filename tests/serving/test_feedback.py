@@ -10,7 +10,7 @@ from the code that wrote them."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import json
 import os
 import pwd
@@ -186,10 +186,7 @@ def test_without_a_store_the_endpoint_is_a_404_in_openai_shape(engine):
 
 # ------------------------------------------------------------------------------------------ the launcher
 def _launcher():
-    spec = importlib.util.spec_from_file_location("serve_launcher", ROOT / "launchers" / "serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("coati_ray.commands.serve")  # launchers/serve.py runs this module
 
 
 def test_the_launcher_stores_beside_the_model_records_its_run_and_none_turns_it_off(tmp_path):
