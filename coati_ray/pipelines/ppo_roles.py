@@ -152,8 +152,7 @@ def count_prompts(jobs: PPOJobs) -> int:
 
 @dataclass
 class Roles:
-    buffer: Any
-    control: Any
+    buffer: Any  # also the job's control mailbox (cluster/control.py JobBuffer): `control` below
     references: list
     rewards: list
     generators: dict[int, Any]  # index -> handle: the generators started and not retired
@@ -161,6 +160,11 @@ class Roles:
     critic: CriticGroup | None
     start_generator: Any  # index -> handle of a new generator actor named generator-<index>
     sync: WeightSync  # how new weights reach the generators
+
+    @property
+    def control(self):
+        """The job's control mailbox: the buffer actor holds it."""
+        return self.buffer
 
     def shutdown(self) -> None:
         import ray
@@ -268,7 +272,7 @@ def start_roles(cfg: PPOConfig, jobs: PPOJobs, n_prompts: int) -> Roles:
     # the buffer is also the job's control mailbox (launchers/control.py reaches it by name)
     buffer = start_actor(JobBuffer, "buffer-0", (cfg.buffer_capacity(), plan, gens, Path(cfg.run.save_path).name),
                          num_cpus=0, resources=res.get("buffer"), max_concurrency=JobBuffer.MAX_CONCURRENCY)
-    roles_up = Roles(buffer, buffer, refs, rewards, gens, policy, critic, start_generator, sync_cls(policy))
+    roles_up = Roles(buffer, refs, rewards, gens, policy, critic, start_generator, sync_cls(policy))
     try:
         get_unwrapped([g.weight_version.remote() for g in gens.values()])
         for group in (policy, critic):
