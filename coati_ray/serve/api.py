@@ -7,9 +7,11 @@
     POST /v1/feedback            a judgment of an answer, stored (`feedback`: a serve.feedback.FeedbackStore)
     GET  /                       the chat page
     GET  /stats, /openapi.json   the engine's counters; the API's schema
+    GET  /metrics                Prometheus metrics (serve.metrics; no key needed, like /health)
 
 Every error, 4xx or 5xx, has OpenAI's body, {"error": {"message", "type", "param", "code"}}, and
-the server keeps serving. With an API key set, everything but /health and the chat page needs
+the server keeps serving. A parameter the server does not honour is refused, never dropped
+(serve.params). With an API key set, everything but /health, /metrics and the chat page needs
 `Authorization: Bearer <key>` (/docs and /redoc are off).
 
 Before a request reaches a route (`_Guard`): its `Host` header must name this server (a DNS-
@@ -30,11 +32,12 @@ import socket
 import time
 import uuid
 from importlib import resources
-from typing import Annotated, Literal
-
-from pydantic import AfterValidator, BaseModel, Field
 
 from coati_ray.serve.engine import BatchingEngine, Event, GenRequest
+from coati_ray.serve.metrics import ENDPOINTS, GenerationTimer, MetricsMiddleware, ServerMetrics, engine_stats
+from coati_ray.serve.params import ChatRequest, CompletionRequest, Message, Text, _Sampling
+
+__all__ = ["APIError", "HostCheck", "Message", "Text", "create_app"]  # Message, Text: for serve.feedback
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -43,45 +46,6 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 # character per byte; SentencePiece: "▁" for a space, <0xNN> for a byte). The factor leaves room for
 # a normalizer that composes characters (NFC: "e" + U+0301 -> "é").
 _CHARS_PER_TOKEN_SLACK = 2
-
-
-def _valid_text(s: str) -> str:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON's "\ud800": a lone UTF-16 surrogate is no character
-        raise ValueError(f"not valid Unicode: a lone surrogate {s[e.start]!r} at character {e.start}") from None
-    return s
-
-
-Text = Annotated[str, AfterValidator(_valid_text)]
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text
-
-
-class _Sampling(BaseModel):
-    model: Text
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: Text | list[Text] | None = None
-    stream: bool = False
-    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)  # what a 64-bit generator seed can hold
-    n: int = Field(1, ge=1, le=1)  # one choice per request
-
-    def stops(self) -> list[str]:
-        s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return [x for x in s if x]
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionRequest(_Sampling):
-    prompt: Text
 
 
 class APIError(Exception):
@@ -158,7 +122,7 @@ class _Guard:
     limit is refused before a byte of the body is read; a chunked body is counted as it arrives."""
 
     def __init__(self, app, hosts: HostCheck, api_key: str | None, max_body_bytes: int,
-                 open_paths: tuple[str, ...] = ("/health", "/")):
+                 open_paths: tuple[str, ...] = ("/health", "/metrics", "/")):
         self.app, self.hosts, self.api_key, self.max_body = app, hosts, api_key, max_body_bytes
         self.open_paths = open_paths
 
@@ -219,6 +183,8 @@ def create_app(engine: BatchingEngine, model_name: str, context_len: int, api_ke
 
     app = FastAPI(title="coati_ray chat server", docs_url=None, redoc_url=None)
     app.add_middleware(_Guard, hosts=HostCheck(host, allowed_hosts), api_key=api_key, max_body_bytes=max_body_bytes)
+    metrics = ServerMetrics(engine)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, so 401s and 413s count too
     tok = engine.tokenizer
     created = int(time.time())
     longest_token = max((len(t) for t in tok.get_vocab()), default=1) if hasattr(tok, "get_vocab") else 64
@@ -237,6 +203,9 @@ def create_app(engine: BatchingEngine, model_name: str, context_len: int, api_ke
         if not loc and err.get("type") in ("model_attributes_type", "dict_type", "missing"):
             return APIError(400, "the request body must be a JSON object (Content-Type: application/json)").response()
         param = ".".join(loc) or None
+        if err.get("type") == "extra_forbidden":  # a field OpenAI's API does not define (see serve.params)
+            return APIError(400, f"Unrecognized request argument supplied: {param} (this server does not support "
+                            "it)", param, "unknown_parameter").response()
         msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
         return APIError(400, msg, param, err.get("type")).response()
 
@@ -305,19 +274,20 @@ def create_app(engine: BatchingEngine, model_name: str, context_len: int, api_ke
         engine.submit(req)
         return req, q
 
-    async def events(req: GenRequest, q: asyncio.Queue):
+    async def events(req: GenRequest, q: asyncio.Queue, timer: GenerationTimer):
         try:
             while True:
                 ev: Event = await q.get()
+                timer.saw(ev)
                 yield ev
                 if ev.finish_reason is not None:
                     return
         finally:
             req.cancelled.set()  # a client that went away frees its row
 
-    async def collect(req: GenRequest, q: asyncio.Queue) -> tuple[str, Event]:
+    async def collect(req: GenRequest, q: asyncio.Queue, timer: GenerationTimer) -> tuple[str, Event]:
         parts, last = [], None
-        async for ev in events(req, q):
+        async for ev in events(req, q, timer):
             if ev.finish_reason == "error":
                 raise APIError(500, f"generation failed: {ev.text}", kind="server_error")
             parts.append(ev.text)
@@ -346,10 +316,18 @@ def create_app(engine: BatchingEngine, model_name: str, context_len: int, api_ke
 
     @app.get("/stats")
     async def stats():
-        return dict(engine.stats)
+        return engine_stats(engine)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        from starlette.responses import Response
+
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
+        timer = metrics.timer(ENDPOINTS[0])
         check_model(body.model)
         req, q = start(body, await encode_chat(body.messages), "messages")
         rid, ts = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -358,29 +336,34 @@ def create_app(engine: BatchingEngine, model_name: str, context_len: int, api_ke
             async def chunks():
                 yield {**head, "object": "chat.completion.chunk",
                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-                async for ev in events(req, q):
+                async for ev in events(req, q, timer):
                     done = ev.finish_reason
                     yield {**head, "object": "chat.completion.chunk",
                            "choices": [{"index": 0, "delta": {"content": ev.text} if ev.text else {},
                                         "finish_reason": done}], **({"usage": usage(ev)} if done else {})}
+                    if done and body.stream_options and body.stream_options.include_usage:
+                        yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(ev)}
             return sse(chunks())
-        answer, last = await collect(req, q)
+        answer, last = await collect(req, q, timer)
         return {**head, "object": "chat.completion", "usage": usage(last),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                              "finish_reason": last.finish_reason}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
+        timer = metrics.timer(ENDPOINTS[1])
         check_model(body.model)
         req, q = start(body, await encode(body.prompt, "prompt", special=True), "prompt")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name,
                 "object": "text_completion"}
         if body.stream:
             async def chunks():
-                async for ev in events(req, q):
+                async for ev in events(req, q, timer):
                     yield {**head, "choices": [{"index": 0, "text": ev.text, "finish_reason": ev.finish_reason}]}
+                    if ev.finish_reason and body.stream_options and body.stream_options.include_usage:
+                        yield {**head, "choices": [], "usage": usage(ev)}
             return sse(chunks())
-        answer, last = await collect(req, q)
+        answer, last = await collect(req, q, timer)
         return {**head, "usage": usage(last),
                 "choices": [{"index": 0, "text": answer, "finish_reason": last.finish_reason}]}
 
