@@ -67,18 +67,40 @@ class BaseDataArgs:
         entry per `<name>_key` field of the stage's data class."""
         return {f.name.removesuffix("_key"): getattr(self, f.name) for f in fields(self) if f.name.endswith("_key")}
 
+    def hub_options(self, flag: str) -> dict[str, str | None]:
+        """load_rows' `split` and `config` for the dataset flag `flag` (its `<flag>_split`, `<flag>_config`)."""
+        return {"split": getattr(self, f"{flag}_split"), "config": getattr(self, f"{flag}_config")}
+
     def validate(self) -> None:
         _at_least(self, 8, "max_len")
+        for f in fields(self):
+            if f.name.endswith("dataset_split") and not getattr(self, f.name).strip():
+                raise ConfigError(f.name, "must name a split (e.g. train), got an empty value")
+
+
+def _split_help(flag: str, default: str):
+    return _help(f"Split of --{flag} when it is a Hub dataset id or a dataset repository (docs/stages.md#data); "
+                 "a slice such as 'train[:1000]' works too.", default=default)
+
+
+def _config_help(flag: str):
+    return _help(f"Config (subset) of --{flag} when it is a Hub dataset id or a dataset repository; default: its "
+                 "default config.", default=None)
 
 
 @dataclass
 class FileDataArgs(BaseDataArgs):
     """A training file and its held-out part: stages 1 and 2."""
 
-    dataset: str | None = _help("Training data file (.json/.jsonl/.csv/.tsv/.parquet) or saved dataset "
-                                   "directory; default: the demo data.", default=None)
-    eval_dataset: str | None = _help("Held-out data; default: the demo eval split (or --eval_split of "
-                                        "--dataset when --dataset is given).", default=None)
+    dataset: str | None = _help("Training data: a file (.json/.jsonl/.csv/.tsv/.parquet), a saved dataset or dataset "
+                                "repository directory, or a Hugging Face Hub id (org/name); default: the demo data.",
+                                default=None)
+    dataset_split: str = _split_help("dataset", "train")
+    dataset_config: str | None = _config_help("dataset")
+    eval_dataset: str | None = _help("Held-out data (as --dataset); default: the demo eval split (or --eval_split "
+                                     "of --dataset when --dataset is given).", default=None)
+    eval_dataset_split: str = _split_help("eval_dataset", "test")
+    eval_dataset_config: str | None = _config_help("eval_dataset")
     eval_split: float = _help("Fraction of --dataset held out for evaluation when --eval_dataset is not "
                               "given.", default=0.05)
     max_samples: int | None = _help("Use at most this many training rows.", default=None)
@@ -158,6 +180,10 @@ class PromptDataArgs(BaseDataArgs):
     """Stage 3 (PPO): the prompts file itself is PPO's --prompt_dataset; this is how it is read."""
 
     prompt_key: str = _help("Column of the prompts file holding the prompt.", default="prompt")
+    prompt_dataset_split: str = _split_help("prompt_dataset", "train")
+    prompt_dataset_config: str | None = _config_help("prompt_dataset")
+    pretrain_dataset_split: str = _split_help("pretrain_dataset", "train")
+    pretrain_dataset_config: str | None = _config_help("pretrain_dataset")
 
 
 @dataclass

@@ -167,11 +167,11 @@ class ObjectiveArgs:
 class PPORunArgs(RunArgs, OptimArgs):
     """The run: which models and data, how many steps, the optimizer, saving and resuming."""
 
-    prompt_dataset: str | None = _help("Prompts file (.json/.jsonl/.csv/.tsv/.parquet or saved dataset) with "
-                                       "a --prompt_key column; also accepted as the first positional "
-                                       "argument. Default: the demo prompts.", default=None)
-    pretrain_dataset: str | None = _help("Text for the PTX loss (a 'text' column); default: the demo "
-                                         "pretraining text when --ptx_coef > 0.", default=None)
+    prompt_dataset: str | None = _help("Prompts (.json/.jsonl/.csv/.tsv/.parquet, a saved dataset or dataset "
+                                       "repository, or a Hub id org/name) with a --prompt_key column; also the "
+                                       "first positional argument. Default: the demo prompts.", default=None)
+    pretrain_dataset: str | None = _help("Text for the PTX loss (a 'text' column; read as --prompt_dataset); "
+                                         "default: the demo pretraining text when --ptx_coef > 0.", default=None)
     rm_path: str | None = _help("Reward model directory (stage 2 output); default: the demo RM, trained "
                                 "first if missing.", default=None)
     critic_pretrain: str | None = _help("Critic initialisation; default: --rm_path (as ColossalChat does).",

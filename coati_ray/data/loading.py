@@ -1,7 +1,8 @@
 """Load instruction, pair and prompt datasets from files into `datasets.Dataset`, validated.
 
 Supported inputs: `.json` (a list of objects, or JSON lines), `.jsonl`, `.csv`, `.tsv`,
-`.parquet`, and directories written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
+`.parquet`, and directories written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`; Hub ids
+and dataset repositories are read with `datasets.load_dataset` (hub.py), then validated the same way.
 Text formats are parsed here rather than by `datasets.load_dataset` so that an error can name the
 exact line; the result is always a `datasets.Dataset` with canonical column names.
 
@@ -35,6 +36,7 @@ from typing import Any, Literal
 import datasets
 
 from coati_ray.data import conversations as chat
+from coati_ray.data import hub
 from coati_ray.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -87,12 +89,15 @@ class Variant:
 
 
 def load_rows(path: str | Path, columns: list[Column] | list[Variant], skip_bad_rows: bool = False,
-              max_samples: int | None = None) -> LoadedData:
+              max_samples: int | None = None, *, split: str = "train", config: str | None = None) -> LoadedData:
+    """`path`: a file, a saved dataset, or a Hub id / dataset repository read with `split` and `config` (hub.py)."""
+    ref = hub.resolve(path, split, config)
     path = Path(path)
-    if not path.exists():
+    if ref is None and not path.exists():
         raise DataError(str(path), "no such file or directory")
     variants = columns if columns and isinstance(columns[0], Variant) else [Variant(columns)]
-    raw = _read(path)  # list of (line or None, row) ; raises DataError with line on parse errors
+    raw = hub.read_rows(ref) if ref else _read(path)  # (line or None, row) pairs; DataError with line on parse errors
+    where = str(ref) if ref else path  # what row errors name: the file, or the dataset with its config and split
     rows, skipped, extra = [], [], []
     for i, (line, row) in enumerate(raw):
         if isinstance(row, DataError):
@@ -102,7 +107,7 @@ def load_rows(path: str | Path, columns: list[Column] | list[Variant], skip_bad_
             continue
         try:
             variant = _choose(variants, row)
-            rows.append(_validate(path, i, line, row, variant))
+            rows.append(_validate(where, i, line, row, variant))
             used = {s for c in variant.columns for s in (c.source, *c.fallbacks)}
             extra.append({k: v for k, v in row.items() if k not in used})
         except DataError as e:
@@ -112,11 +117,11 @@ def load_rows(path: str | Path, columns: list[Column] | list[Variant], skip_bad_
         if max_samples is not None and len(rows) >= max_samples:
             break
     if not raw:
-        raise DataError(str(path), "the dataset is empty (no rows)")
+        raise DataError(str(where), "the dataset is empty (no rows)")
     if not rows:
-        raise DataError(str(path), f"no usable rows: all {len(skipped)} rows were bad; first: {skipped[0]}")
+        raise DataError(str(where), f"no usable rows: all {len(skipped)} rows were bad; first: {skipped[0]}")
     if skipped:
-        logger.warning("%s: skipped %d bad rows (first: %s)", path, len(skipped), skipped[0])
+        logger.warning("%s: skipped %d bad rows (first: %s)", where, len(skipped), skipped[0])
     return LoadedData(datasets.Dataset.from_list(_uniform(rows, variants)), skipped, extra)
 
 
@@ -146,7 +151,7 @@ def _uniform(rows: list[dict], variants: list[Variant]) -> list[dict]:
     return out
 
 
-def _validate(path: Path, i: int, line: int | None, row: Any, variant: Variant) -> dict:
+def _validate(path: Path | str, i: int, line: int | None, row: Any, variant: Variant) -> dict:
     if not isinstance(row, dict):
         raise DataError(str(path), f"expected an object with fields, got {type(row).__name__}", row=i, line=line)
     out: dict[str, Any] = {}
@@ -190,7 +195,7 @@ def _validate(path: Path, i: int, line: int | None, row: Any, variant: Variant) 
     return out
 
 
-def _structured(path: Path, i: int, line: int | None, source: str, col: Column, value: Any) -> Any:
+def _structured(path: Path | str, i: int, line: int | None, source: str, col: Column, value: Any) -> Any:
     """A value of a non-text kind, read exactly (a ChatError names the turn)."""
     if col.kind == "raw":
         return value
@@ -325,7 +330,8 @@ def _read_saved_dataset(path: Path) -> datasets.Dataset:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises FileNotFoundError / ValueError variants
-        raise DataError(str(path), f"not a dataset directory saved with save_to_disk ({e})") from e
+        raise DataError(str(path), "not a dataset directory: neither saved with save_to_disk nor a dataset repository "
+                        f"(README.md card, data/ folder or data files) ({e})") from e
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(str(path), f"a DatasetDict without a 'train' split (splits: {list(ds)})")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from coati_ray.algos import NEEDS_CRITIC
 from coati_ray.defaults import demo_file
-from coati_ray.errors import ConfigError, DataError, ModelLoadError
+from coati_ray.errors import ConfigError, ModelLoadError
 from coati_ray.ppo_config import PPOConfig
 from coati_ray.runtime import get_unwrapped, start_actor
 from coati_ray.sync import transport_class
@@ -67,9 +67,10 @@ def make_jobs(cfg: PPOConfig) -> PPOJobs:
     check_family(model_type(policy_path), model.model, policy_path)
     prompt_file = run.prompt_dataset or demo_file("prompts_train.jsonl")
     pretrain_file = run.pretrain_dataset or (demo_file("pretrain.jsonl") if obj.ptx_coef > 0 else None)
-    for f in (prompt_file, pretrain_file):
-        if f and not Path(f).exists():
-            raise DataError(f, "no such file or directory")
+    from coati_ray.data.hub import check_source
+
+    check_source(prompt_file, "prompt_dataset", cfg.data)  # a Hub id or dataset repository is loaded here first
+    check_source(pretrain_file, "pretrain_dataset", cfg.data)
 
     def update(lr: float | None) -> UpdateSpec:  # None: the trainer picks by the model's size (lr_defaults.py)
         return UpdateSpec(run.strategy, lr, run.grad_clip,
@@ -147,7 +148,8 @@ def count_prompts(jobs: PPOJobs) -> int:
     from coati_ray.data.loading import load_rows, prompt_columns
 
     data = jobs.rollout.data
-    return len(load_rows(jobs.prompt_file, prompt_columns(data.keys()), data.skip_bad_rows).dataset)
+    return len(load_rows(jobs.prompt_file, prompt_columns(data.keys()), data.skip_bad_rows,
+                         **data.hub_options("prompt_dataset")).dataset)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from coati_ray.config import (
     validate_all,
 )
 from coati_ray.defaults import demo_file
-from coati_ray.errors import ConfigError, DataError
+from coati_ray.errors import ConfigError
 from coati_ray.models.loading import check_family, load_config, resolve_model_path
 from coati_ray.run_dir import ScalarWriter, check_resume_config, prune_checkpoints, resume_checkpoint, start_run
 from coati_ray.workers.trainer import SetupInfo, TrainJob
@@ -73,9 +73,10 @@ def make_job(stage: str, model: ModelArgs, data: FileDataArgs, train: TrainArgs,
                           "--dataset (e.g. the chat page's feedback: scripts/export_feedback.py --kto FILE)")
     else:
         train_file, eval_file = demo_file(DEMO_FILES[stage][0]), data.eval_dataset or demo_file(DEMO_FILES[stage][1])
-    for f in (train_file, eval_file):
-        if f and not Path(f).exists():
-            raise DataError(f, "no such file or directory")
+    from coati_ray.data.hub import check_source
+
+    check_source(train_file, "dataset", data)  # a Hub id or dataset repository is loaded here, before the actors
+    check_source(eval_file, "eval_dataset", data)
     return TrainJob(stage, model_path, train_file, eval_file, model, data, train, rm, pref=pref)
 
 

@@ -77,7 +77,8 @@ class GeneratorWorker:
             self.reward = _actor(rewards[index % len(rewards)])
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = load_tokenizer(job.policy_path)
-        loaded = load_rows(job.prompt_file, prompt_columns(job.data.keys()), job.data.skip_bad_rows)
+        loaded = load_rows(job.prompt_file, prompt_columns(job.data.keys()), job.data.skip_bad_rows,
+                           **job.data.hub_options("prompt_dataset"))
         self.prompts = loaded.dataset["prompt"]  # tokenized on first use: any generator can be sent any row
         self.columns = loaded.extra  # each row's other columns: what reward functions read (e.g. `answer`)
         self.reward_specs = job.reward_specs

@@ -40,7 +40,8 @@ class PolicyWorker(PPORank):
         if job.pretrain_file and job.objective.ptx_coef > 0:
             from coati_ray.data.loading import load_rows, text_columns
 
-            rows = load_rows(job.pretrain_file, text_columns({}), job.data.skip_bad_rows).dataset
+            rows = load_rows(job.pretrain_file, text_columns({}), job.data.skip_bad_rows,
+                             **job.data.hub_options("pretrain_dataset")).dataset
             texts = (fmt.tokenize_text(self._tokenizer, r["text"], job.data.max_len) for r in rows)
             self.ptx = [ids for ids in texts if len(ids) > 1]
         self.updates = 0  # optimizer steps so far: the PTX data position

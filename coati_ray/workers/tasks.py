@@ -103,10 +103,11 @@ class Task:
     # --- shared -------------------------------------------------------------------------------
     def build_datasets(self) -> Datasets:
         da = self.data_args
-        train = load_rows(self.train_file, self.columns(), da.skip_bad_rows, da.max_samples)
+        train = load_rows(self.train_file, self.columns(), da.skip_bad_rows, da.max_samples,
+                          **da.hub_options("dataset"))
         rows, skipped = list(train.dataset), list(train.skipped)
         if self.eval_file:
-            ev = load_rows(self.eval_file, self.columns(), da.skip_bad_rows)
+            ev = load_rows(self.eval_file, self.columns(), da.skip_bad_rows, **da.hub_options("eval_dataset"))
             eval_rows = list(ev.dataset)
             skipped += ev.skipped
         else:
