@@ -15,7 +15,6 @@ import pytest
 import requests
 
 KEY = "page-key-321"
-CHROMIUM = "/usr/bin/chromium"
 MEASURE_PLACEHOLDER = """() => {
   const el = document.getElementById("key"), cs = getComputedStyle(el);
   const ctx = document.createElement("canvas").getContext("2d");
@@ -33,24 +32,6 @@ def server(micro_model, tmp_path_factory):
     with ServerProcess(micro_model, "--api_key", KEY, "--served_model_name", "micro", "--feedback_db", "none",
                        log=log) as proc:
         yield {"base": proc.base}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("COATI_REQUIRE_CHROMIUM"):
-            pytest.fail(f"COATI_REQUIRE_CHROMIUM is set but {CHROMIUM} is missing")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    from playwright import sync_api
-
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--disable-quic"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def greedy_answer(server, messages: list[dict], max_tokens: int) -> dict:

@@ -4,9 +4,7 @@ raw HTTP for what a client library would refuse to send, and the chat page in he
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
@@ -114,35 +112,25 @@ def test_requests_without_the_api_key_get_401(server):
     assert requests.get(server["base"] + "/health").status_code == 200  # health needs no key
 
 
-def test_the_chat_page_streams_an_answer_and_keeps_the_conversation(server):
-    from playwright import sync_api
-    chromium = "/usr/bin/chromium"
-    if not Path(chromium).exists():
-        if os.environ.get("COATI_REQUIRE_CHROMIUM"):
-            pytest.fail("COATI_REQUIRE_CHROMIUM is set but /usr/bin/chromium is missing")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--disable-quic"])
-        try:
-            page = browser.new_page()
-            page.goto(server["base"] + "/")
-            page.fill("#key", KEY)
-            # the micro model is barely trained: bound each sampled answer so a loaded CI machine still
-            # finishes both turns well inside the wait below
-            page.fill("#max_tokens", "48")
-            for n, text in enumerate(("Hello! What is 2 + 3?", "再算一次：4 + 4 = ?"), start=1):
-                page.fill("#input", text)
-                with page.expect_request("**/v1/chat/completions") as sent:
-                    page.click("#send")
-                # the page sends the whole conversation: earlier turns, answers included
-                assert [m["role"] for m in json.loads(sent.value.post_data)["messages"]] == \
-                    ["user", "assistant"] * (n - 1) + ["user"]
-                answer = page.locator(".assistant").nth(n - 1)
-                answer.and_(page.locator("[data-done='true']")).wait_for(timeout=60_000)
-                assert int(answer.get_attribute("data-pieces")) >= 2  # it grew piece by piece: streamed
-                assert answer.text_content().strip()
-            assert page.locator(".user").all_text_contents() == ["Hello! What is 2 + 3?", "再算一次：4 + 4 = ?"]
-        finally:
-            browser.close()
+def test_the_chat_page_streams_an_answer_and_keeps_the_conversation(server, browser):
+    page = browser.new_page()
+    try:
+        page.goto(server["base"] + "/")
+        page.fill("#key", KEY)
+        # the micro model is barely trained: bound each sampled answer so a loaded CI machine still
+        # finishes both turns well inside the wait below
+        page.fill("#max_tokens", "48")
+        for n, text in enumerate(("Hello! What is 2 + 3?", "再算一次：4 + 4 = ?"), start=1):
+            page.fill("#input", text)
+            with page.expect_request("**/v1/chat/completions") as sent:
+                page.click("#send")
+            # the page sends the whole conversation: earlier turns, answers included
+            assert [m["role"] for m in json.loads(sent.value.post_data)["messages"]] == \
+                ["user", "assistant"] * (n - 1) + ["user"]
+            answer = page.locator(".assistant").nth(n - 1)
+            answer.and_(page.locator("[data-done='true']")).wait_for(timeout=60_000)
+            assert int(answer.get_attribute("data-pieces")) >= 2  # it grew piece by piece: streamed
+            assert answer.text_content().strip()
+        assert page.locator(".user").all_text_contents() == ["Hello! What is 2 + 3?", "再算一次：4 + 4 = ?"]
+    finally:
+        page.close()
