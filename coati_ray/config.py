@@ -204,9 +204,15 @@ class RunArgs:
                             "--resume continues it).", default=False)
     keep_checkpoints: int = _help("Keep the newest N resumable checkpoints under --save_path/checkpoints and "
                                   "delete older ones (0: keep all).", default=2)
+    report_to: str = _help("Experiment trackers, comma-separated: tensorboard (--save_path/tensorboard), wandb, "
+                           "mlflow, or none; wandb and mlflow need the `track` extra (docs/stages.md).",
+                           default="tensorboard")
+    log_samples_interval: int = _help("PPO: every N steps, a table of sample generations (prompt, response, "
+                                      "reward) to the trackers (0: never).", default=10)
 
     def validate(self) -> None:
         from coati_ray.run_dir import check_save_path
+        from coati_ray.tracking import parse_report_to
 
         check_seed(self.seed)
         check_resume(self)
@@ -214,6 +220,8 @@ class RunArgs:
         _at_least(self, 0, "keep_checkpoints")
         _at_least(self, 1, "log_interval")
         _at_least(self, 0, "ckpt_interval")
+        _at_least(self, 0, "log_samples_interval")
+        parse_report_to(self.report_to)
 
 
 @dataclass

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # what --overwrite removes: the previous run's own state (its model files are replaced when the new run saves)
 RUN_STATE = ("checkpoints", "tensorboard", "critic", RUN_FILE, "config.yaml", "train_summary.json",
-             "ppo_summary.json")
+             "ppo_summary.json", "wandb", "mlflow.db", "mlartifacts", "report.png", "report.html")
 
 
 def check_save_path(save_path: str, resume: str, overwrite: bool) -> None:
@@ -137,24 +137,3 @@ def prune_checkpoints(save_path: str, keep: int, marker: str) -> list[Path]:
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed
-
-
-class ScalarWriter:
-    """A run's `tensorboard/` scalars, written with tensorboard's own event-file writer and protos:
-    what `torch.utils.tensorboard.SummaryWriter.add_scalar` writes, without importing torch into
-    the driver (coati_ray/workers/shells.py says why that matters)."""
-
-    def __init__(self, logdir: str | Path):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-        self._writer = EventFileWriter(str(logdir))
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
-        self._writer.add_event(Event(summary=summary, step=int(step), wall_time=time.time()))
-
-    def close(self) -> None:
-        self._writer.close()

@@ -34,9 +34,10 @@ from coati_ray.pipelines.ppo_roles import (
     start_roles,
 )
 from coati_ray.ppo_config import PARTS, PPOConfig
-from coati_ray.run_dir import ScalarWriter, check_resume_config, start_run
+from coati_ray.run_dir import check_resume_config, start_run
 from coati_ray.runtime import get_all, get_unwrapped
 from coati_ray.sync.base import WeightTicket
+from coati_ray.tracking import Trackers, parse_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress:
     timeline["models_loaded"] = time.perf_counter() - t0
     save, step, total = Path(cfg.run.save_path), result.start_step, st.total
     keep = (result.run_id, cfg.run.keep_checkpoints)  # what every checkpoint records and how many stay
-    writer = ScalarWriter(save / "tensorboard")
+    writer = Trackers(parse_report_to(cfg.run.report_to), cfg.run.save_path, "ppo", result.run_id, run_config(cfg))
     bar = tqdm(total=total, initial=step, desc="ppo", disable=not progress, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     actors.control.report.remote({"step": step, "total": total, "generators": len(actors.generators),
@@ -218,8 +219,9 @@ def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress:
             result.made_by.append([c.generator for _, c in out.taken])
             actors.control.report.remote({"step": step, "total": total, "generators": len(actors.generators),
                                           "pooled": m["generators/pooled"]}, m)
-            for key, v in m.items():
-                writer.add_scalar(key, v, step)
+            writer.scalars(m, step)
+            if cfg.run.log_samples_interval and (step % cfg.run.log_samples_interval == 0 or step == total):
+                writer.samples([s for _, c in out.taken for s in c.samples], step)
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", refresh=False)
             if step % cfg.run.log_interval == 0 or step == total:
@@ -234,7 +236,7 @@ def _run(cfg: PPOConfig, jobs: PPOJobs, actors: Roles, n_prompts: int, progress:
         raise
     finally:
         bar.close()
-    writer.close()
+        writer.close()
     ppo_state.save_final(cfg, jobs, actors, result, step, st.kl_ctl)
     timeline["saved"] = time.perf_counter() - t0
     return result

@@ -34,7 +34,8 @@ from coati_ray.config import (
 from coati_ray.defaults import demo_file
 from coati_ray.errors import ConfigError
 from coati_ray.models.loading import check_family, load_config, resolve_model_path
-from coati_ray.run_dir import ScalarWriter, check_resume_config, prune_checkpoints, resume_checkpoint, start_run
+from coati_ray.run_dir import check_resume_config, prune_checkpoints, resume_checkpoint, start_run
+from coati_ray.tracking import Trackers, parse_report_to
 from coati_ray.workers.trainer import SetupInfo, TrainJob
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, progres
                 logger.warning("resumed with %d trainers from a checkpoint of %d: the weights and optimizer state "
                                "are the saved ones, but the global batch and the data order from here differ from "
                                "an uninterrupted run", group.n, meta["world_size"])
-    writer = ScalarWriter(save / "tensorboard")
+    writer = Trackers(parse_report_to(ta.report_to), ta.save_path, stage, run_id, config)
     # Redraw often on a terminal, rarely into a log file.
     bar = tqdm(total=info.total_steps, initial=result.start_step, desc=stage, disable=not progress,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -155,8 +156,7 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, progres
             result.history.append(m)
             bar.update(1)
             bar.set_postfix(loss=f"{m['train/loss']:.4f}", refresh=False)  # redraw at mininterval only
-            for k, v in m.items():
-                writer.add_scalar(k, v, step)
+            writer.scalars(m, step)
             if step % ta.log_interval == 0 or step == info.total_steps:
                 bar.write(_metrics_line(step, info.total_steps, m))
             if ta.eval_interval and step % ta.eval_interval == 0 and step < info.total_steps:
@@ -167,13 +167,16 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, progres
         # Keep what was done: a checkpoint at the last finished step, then stop.
         logger.warning("interrupted at step %d; saving a checkpoint so --resume can continue", step)
         checkpoint(step)
+        writer.close()
         raise
     finally:
         bar.close()
-    _evaluate(group, result, writer, step, None)
+    try:
+        _evaluate(group, result, writer, step, None)
+    finally:
+        writer.close()
     checkpoint(step)
     group.save_model(ta.save_path, job.model.merge_lora)
-    writer.close()
     (save / "train_summary.json").write_text(json.dumps({
         "stage": stage, "steps": step, "run_id": run_id, "final_eval": result.final_eval,
         "final_train_loss": result.history[-1]["train/loss"] if result.history else None,
@@ -185,15 +188,13 @@ def _loop(stage: str, group: TrainerGroup, job: TrainJob, ta: TrainArgs, progres
     return result
 
 
-def _evaluate(group: TrainerGroup, result: TrainResult, writer, step: int, bar) -> None:
+def _evaluate(group: TrainerGroup, result: TrainResult, writer: Trackers, step: int, bar) -> None:
     if result.setup.n_eval == 0:  # --eval_split 0 and no --eval_dataset
         return
     ev = group.evaluate()
     ev["train/step"] = step
     result.evals.append(ev)
-    for k, v in ev.items():
-        if k != "train/step":
-            writer.add_scalar(k, v, step)
+    writer.scalars({k: v for k, v in ev.items() if k != "train/step"}, step)
     line = f"eval @ step {step}: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in ev.items()
                                               if k != "train/step")
     (bar.write if bar else logger.info)(line)

@@ -85,6 +85,8 @@ class ChunkMeta:
     sample_ids: list[int]
     generator: int
     stats: dict[str, float] = field(default_factory=dict)  # small per-chunk sums and timings
+    # the chunk's first sample as text, {"prompt", "response", "reward"}: the trackers' sample table
+    samples: list[dict] = field(default_factory=list)
 
     @property
     def n(self) -> int:

@@ -179,7 +179,10 @@ class GeneratorWorker:
                  "generate_s": t1 - t0 - part.score_s, "score_s": part.score_s + t2 - t1, "load_s": t_load, **dyn,
                  **{f"source_sum/{k}": float(v.sum()) for k, v in scores.items()},
                  **{f"source_sq/{k}": float(v.float().square().sum()) for k, v in scores.items()}}
-        return exp, ChunkMeta(chunk.step, self.version, chunk.sample_ids(), self.index, stats)
+        sample = {"prompt": self.tokenizer.decode(self.tokens_of(rows[0]), skip_special_tokens=True),
+                  "response": self.tokenizer.decode(out[0].token_ids, skip_special_tokens=True),
+                  "reward": float(score[0])}
+        return exp, ChunkMeta(chunk.step, self.version, chunk.sample_ids(), self.index, stats, [sample])
 
     def _sample_and_score(self, rows: list[int], chunk: Chunk, sample_ids: list[int], attempt: int) -> _Part:
         """Sample `n_samples` responses for each prompt row and score them: the reference's log-probs and

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from safetensors.torch import load_file
 
@@ -26,9 +28,14 @@ def ppo(models, save_path, actors=1, trainers=1, **kw):
 
 @pytest.fixture(scope="module")
 def main_run(models, tmp_path_factory):
-    """2 generators, 2 trainers (ddp), GAE with a critic, PTX, 2 PPO epochs per step, on-policy."""
-    return ppo(models, tmp_path_factory.mktemp("ppo") / "main", actors=2, trainers=2, n_samples_per_prompt=2,
-               max_epochs=2, max_steps=12, ptx_coef=0.1)
+    """2 generators, 2 trainers (ddp), GAE with a critic, PTX, 2 PPO epochs per step, on-policy; every
+    tracker (wandb offline, MLflow in a local SQLite store), sample tables every 5 steps."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return ppo(models, tmp_path_factory.mktemp("ppo") / "main", actors=2, trainers=2, n_samples_per_prompt=2,
+                   max_epochs=2, max_steps=12, ptx_coef=0.1, report_to="tensorboard,wandb,mlflow",
+                   log_samples_interval=5)
 
 
 def test_reward_rises(main_run):
@@ -69,6 +76,34 @@ def test_metrics_and_outputs(main_run, tmp_path):
     assert main_run.history[-1]["kl/mean"] != 0.0  # the policy moved away from the reference
     load_causal_lm(main_run.save_path)
     load_value_model(f"{main_run.save_path}/critic")
+
+
+def test_every_tracker_holds_the_run_metrics_and_its_sample_tables(main_run):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    save = Path(main_run.save_path)
+    rewards = [m["reward/mean"] for m in main_run.history]
+    acc = EventAccumulator(str(save / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("reward/mean")] == pytest.approx(rewards)
+    tables = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors("samples")}
+    assert sorted(tables) == [5, 10, 12]  # every 5 steps, and the last
+    for step, table in tables.items():
+        rows = table.splitlines()[2:]
+        assert len(rows) == 2, table  # one sample from each generator's chunk of the step
+        for row in rows:
+            cells = row.strip("|").split(" | ")
+            assert cells[0].strip() == str(step) and cells[1].strip()  # a prompt's text
+            assert -10 < float(cells[-1]) < 10
+    (db,) = [save / "mlflow.db"]
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("coati_ray").experiment_id],
+                                f"tags.`coati.run_id` = '{main_run.run_id}'")
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "reward/mean")] == pytest.approx(rewards)
+    assert run.data.params["rollout.n_samples_per_prompt"] == "2"
+    (wandb_file,) = list((save / "wandb").glob(f"offline-run-*-{main_run.run_id}/run-{main_run.run_id}.wandb"))
+    assert wandb_file.stat().st_size > 0
 
 
 def test_async_mode_bounds_staleness_and_keeps_every_sample(models, tmp_path):

@@ -8,7 +8,6 @@ import pytest
 
 from coati_ray.errors import ConfigError
 from coati_ray.run_dir import (
-    ScalarWriter,
     check_save_path,
     latest_checkpoint,
     prune_checkpoints,
@@ -100,19 +99,3 @@ def test_prune_keeps_the_newest_complete_checkpoints_and_drops_unfinished_saves(
     checkpoint(save, 20, "r")
     assert prune_checkpoints(str(save), 0, MARK) == []  # 0 keeps all
     assert len(list((save / "checkpoints").iterdir())) == 3
-
-
-def test_scalar_writer_writes_what_tensorboard_reads_back(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    w = ScalarWriter(tmp_path / "tensorboard")
-    for step, (r, kl) in enumerate([(0.25, 0.01), (0.5, 0.02), (0.75, 0.04)], start=1):
-        w.add_scalar("reward/mean", r, step)
-        w.add_scalar("kl/mean", kl, step)
-    w.close()
-    acc = EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
-    assert sorted(acc.Tags()["scalars"]) == ["kl/mean", "reward/mean"]
-    assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [(1, 0.25), (2, 0.5), (3, 0.75)]
-    assert [e.step for e in acc.Scalars("kl/mean")] == [1, 2, 3]
-    assert acc.Scalars("kl/mean")[2].value == pytest.approx(0.04)
