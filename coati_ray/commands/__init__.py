@@ -7,6 +7,8 @@
     coati serve ...      the OpenAI-compatible server and chat page (launchers/serve.py)
     coati demo ...       the whole pipeline on the embedded defaults (launchers/demo.py)
     coati control ...    scale, stop or inspect a running PPO job (launchers/control.py)
+    coati report DIR     a run's curves as DIR/report.png and report.html
+    coati prometheus     Prometheus over the Ray cluster's metrics (ray_coati_*)
 
 Each sub-command is its module here run as a program: the same flags, `--help`, `--config` and
 errors as the launcher of that name, which is a two-line wrapper of it.
@@ -25,6 +27,8 @@ COMMANDS = {  # sub-command -> (module, what it does)
     "serve": ("serve", "the OpenAI-compatible server and chat page"),
     "demo": ("demo", "SFT -> RM -> PPO on the embedded defaults, then gold scores"),
     "control": ("control", "scale, stop or inspect a running PPO job"),
+    "report": ("report", "plot a run's curves into RUN_DIR/report.png and report.html"),
+    "prometheus": ("prometheus", "run Prometheus over the Ray cluster's metrics (ray_coati_*)"),
 }
 
 

@@ -115,8 +115,7 @@ def finish_ppo(a: DemoArgs, out: Path, st: dict, t0: float, t1: float) -> dict:
         "gold": _gold_summary(gold, "ppo"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1))
-    return summary
+    return _write_summary(out, summary)
 
 
 def finish_dpo(a: DemoArgs, out: Path, cluster: ClusterArgs, st: dict, t0: float, t1: float) -> dict:
@@ -135,7 +134,16 @@ def finish_dpo(a: DemoArgs, out: Path, cluster: ClusterArgs, st: dict, t0: float
                        "eval_margin": ev.get("eval/rewards/margin"), "reference_seconds": dpo.setup.reference_seconds,
                        "seconds": round(t_dpo, 1), "path": str(out / "dpo")},
                "gold": _gold_summary(_gold(a, out, "dpo"), "dpo"), "seconds": round(time.perf_counter() - t0, 1)}
+    return _write_summary(out, summary)
+
+
+def _write_summary(out: Path, summary: dict) -> dict:
+    """demo_summary.json, and report.png / report.html beside it (`coati report`)."""
+    from coati_ray.report import write_report
+
     (out / "demo_summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1))
+    png, _ = write_report(out)
+    logger.info("curves: %s (and report.html)", png)
     return summary
 
 

@@ -24,6 +24,7 @@ class Sim:
     address: str
     dashboard_url: str
     metrics_urls: list[str]
+    session_dir: str  # the head's session directory (Ray's Prometheus service-discovery file is in it)
 
 
 @pytest.fixture(scope="package")
@@ -37,5 +38,6 @@ def sim():
     cluster = start_sim_cluster(NODES, head_cpus=2, connect=False)
     ray.init(address=cluster.cluster.address, namespace="coati_ray_tests", logging_level="ERROR")
     cluster.connected = True
-    yield Sim(ray, cluster.cluster.address, cluster.dashboard_url, cluster.metrics_urls)
+    yield Sim(ray, cluster.cluster.address, cluster.dashboard_url, cluster.metrics_urls,
+              cluster.cluster.head_node.get_session_dir_path())
     cluster.shutdown()

@@ -116,6 +116,7 @@ def observed(sim, micro_model, tmp_path_factory):
     from .browser import chromium_path, render_dom, screenshot
 
     ray = sim.ray
+    prom = start_prometheus_for(sim, tmp_path_factory.mktemp("prometheus"))
     run = Background(lambda: ppo_run(micro_model, tmp_path_factory.mktemp("observed"), max_steps=200))
     wait_for(at_step(ray, 2), "step 2", run)
     names = ["generator-0", "generator-1", "reference-0", "reward-0", "trainer-0", "trainer-1", "critic-0",
@@ -132,6 +133,12 @@ def observed(sim, micro_model, tmp_path_factory):
         return values if values.get("coati_weight_version", 0) >= 2 else None
 
     seen["metrics"] = wait_for(metrics_with_version, "our metrics on the metrics endpoint", run)
+    if prom:
+        try:
+            seen["prometheus"] = wait_for(lambda: prometheus_view(prom[1]), "ray_coati_* in Prometheus", run, 120)
+        finally:
+            prom[0].terminate()
+            prom[0].wait(timeout=30)
     if chromium_path():
         url = f"{sim.dashboard_url}/#/actors"
         seen["dom"] = render_dom(url, timeout_s=60)
@@ -143,6 +150,38 @@ def observed(sim, micro_model, tmp_path_factory):
     seen["result"] = run.result()
     seen["nodes"] = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     return seen
+
+
+def start_prometheus_for(sim, data_dir: Path):
+    """Debian's prometheus (if installed) on the sim cluster's service-discovery file, as `coati prometheus`
+    runs it, scraping every second: (process, URL), or None without the binary."""
+    import shutil
+
+    from coati_ray.monitoring import SD_FILE, start_prometheus
+
+    if not shutil.which("prometheus"):
+        return None
+    port = free_port()
+    return start_prometheus(Path(sim.session_dir) / SD_FILE, data_dir, port, scrape_interval_s=1), \
+        f"http://127.0.0.1:{port}"
+
+
+def prometheus_view(url: str) -> dict | None:
+    """Once Prometheus has scraped our gauges at weight version >= 2: every Grafana panel's query result."""
+    from coati_ray.monitoring import grafana_dashboard, query
+
+    if not any(float(r["value"][1]) >= 2 for r in query(url, "ray_coati_weight_version")):
+        return None
+    return {p["title"]: query(url, p["targets"][0]["expr"].replace("$job", ".*"))
+            for p in grafana_dashboard()["panels"]}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -194,6 +233,23 @@ def test_the_metrics_endpoint_shows_our_metrics_with_plausible_values(observed):
     assert 0 <= m["coati_generator_wait_weights_share"] <= 1 and 0 <= m["coati_generator_wait_buffer_share"] <= 1
     for name in ("coati_reward_mean", "coati_kl_mean", "coati_policy_loss", "coati_value_loss"):
         assert math.isfinite(m[name]), name
+
+
+def test_prometheus_scrapes_our_gauges_and_every_grafana_panel_query_returns_the_job(observed):
+    if "prometheus" not in observed:
+        if os.environ.get("COATI_REQUIRE_PROMETHEUS"):
+            pytest.fail("COATI_REQUIRE_PROMETHEUS is set but no prometheus binary was found")
+        pytest.skip("no prometheus binary (apt-get install prometheus)")
+    from coati_ray.cluster.control import GAUGES
+
+    panels = observed["prometheus"]
+    assert sorted(panels) == sorted(key for key, _ in GAUGES.values())
+    for title, result in panels.items():
+        assert result, f"panel {title}: no series"
+        assert {r["metric"]["exported_job"] for r in result} == {result[0]["metric"]["exported_job"]}, title
+        assert all(math.isfinite(float(r["value"][1])) for r in result), title
+    assert {r["metric"]["__name__"] for r in panels["reward/mean"]} == {"ray_coati_reward_mean"}
+    assert float(panels["generators/pooled"][0]["value"][1]) == 2
 
 
 def test_a_headless_browser_shows_the_role_actors_in_the_dashboard(observed):
