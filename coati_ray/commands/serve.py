@@ -11,7 +11,7 @@
     client.chat.completions.create(model="ppo", messages=[{"role": "user", "content": "2 + 3 = ?"}])
 
 Listens on 127.0.0.1 unless --host says otherwise; --api_key (or $COATI_API_KEY) makes every path but
-/health and the chat page need it. Requests whose Host header names another server get 400 (DNS
+/health, /metrics and the chat page need it. Requests whose Host header names another server get 400 (DNS
 rebinding): reached under another name, add it with --allowed_hosts. Bodies over --max_body_bytes get 413.
 The chat page's 👍 / 👎 and edits go to POST /v1/feedback, stored in feedback.sqlite in the model's
 directory (--feedback_db: another path or SQLAlchemy URL, or none); scripts/export_feedback.py turns
@@ -38,8 +38,8 @@ class ServeArgs:
 
     host: str = _help("Address to listen on (default 127.0.0.1: this machine only).", default="127.0.0.1")
     port: int = _help("Port to listen on.", default=8000)
-    api_key: str | None = _help("Require 'Authorization: Bearer KEY' on everything but /health and the chat page "
-                                "(default: $COATI_API_KEY; none).", default=None)
+    api_key: str | None = _help("Require 'Authorization: Bearer KEY' on everything but /health, /metrics and the "
+                                "chat page (default: $COATI_API_KEY; none).", default=None)
     allowed_hosts: str | None = _help(
         "Comma-separated Host header names to accept besides 127.0.0.1, localhost, [::1] and --host (e.g. "
         "'myserver.lan'; '*' accepts any). Others get 400, against DNS rebinding.", default=None)
