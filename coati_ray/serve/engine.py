@@ -147,7 +147,9 @@ class BatchingEngine:
 
     def _loop(self) -> None:
         while True:
-            new = [r for r in self._waiting() if not r.cancelled.is_set()]  # a client already gone gets no row
+            taken = self._waiting()
+            self.counters["requests"] += len(taken)  # counted as taken even when its client is gone already
+            new = [r for r in taken if not r.cancelled.is_set()]  # ... which gets no row
             if new and self._guard(new, self._admit, new):
                 self._retire()
             if self._rows and self._guard([r.req for r in self._rows if not r.done], self._step):
@@ -188,7 +190,7 @@ class BatchingEngine:
         for row, t in zip(rows, tokens):
             row.add(t, self._decode)
         c = self.counters
-        c["batches"], c["requests"], c["tokens"] = c["batches"] + 1, c["requests"] + len(rows), c["tokens"] + len(rows)
+        c["batches"], c["tokens"] = c["batches"] + 1, c["tokens"] + len(rows)
         last, next_pos = torch.tensor(tokens, device=self.device), mask.sum(-1)
         if not self._rows:
             self._cache, self._mask, self._next_pos, self._last = out.cache, mask, next_pos, last

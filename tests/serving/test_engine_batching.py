@@ -93,6 +93,12 @@ def test_a_cancelled_request_frees_its_row_and_gets_no_more_text(engine, tokeniz
     assert not a.done.is_set() and a.events[-1].finish_reason is None
     assert Answer(engine, tokenizer, "hello", 3, temperature=0).result()[1] == "length"  # the engine serves on
     assert len(a.events) == n
+    batches, gone_events = engine.stats()["batches"], []
+    gone = GenRequest(tokenizer("hello")["input_ids"], 4, gone_events.append)
+    gone.cancelled.set()  # its client left while it waited: it is taken off the queue but never prefilled
+    engine.submit(gone)
+    wait_for(lambda: engine.stats()["requests"] == 3, "the engine to take the third request")
+    assert engine.stats()["batches"] == batches and not gone_events
 
 
 def test_rows_never_exceed_max_batch_size_and_stats_count_the_steps(micro_model, tokenizer):
