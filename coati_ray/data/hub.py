@@ -76,20 +76,17 @@ def check_source(value: str | None, flag: str, data: Any) -> None:
     holding `<flag>_split` and `<flag>_config`). A Hub id or repository is loaded here, into datasets'
     cache where the actors find it, so a bad name, split or config, or an unreachable Hub, stops the
     run at once with a line naming the flag."""
-    if value is None:
-        return
-    options = data.hub_options(flag)
-    ref = resolve(value, **options)
+    ref = None if value is None else resolve(value, **data.hub_options(flag))
     if ref is not None:
         open_dataset(ref, flag)
         return
-    if not Path(value).exists():
+    if value is not None and not Path(value).exists():
         raise DataError(str(value), "no such file or directory")
     defaults = {f.name: f.default for f in dataclasses.fields(data)}
-    for name in (f"{flag}_split", f"{flag}_config"):  # a file has no splits: the flag would be ignored
+    for name in (f"{flag}_split", f"{flag}_config"):  # the flag would be ignored: refuse it instead
         if getattr(data, name) != defaults[name]:
-            raise ConfigError(name, f"applies to a Hub dataset id or a dataset repository; --{flag} {value} is a "
-                              "file or a saved dataset")
+            raise ConfigError(name, f"given without --{flag}" if value is None else f"applies to a Hub dataset id "
+                              f"or a dataset repository; --{flag} {value} is a file or a saved dataset")
 
 
 class Rows:

@@ -179,6 +179,9 @@ def test_split_or_config_flags_with_a_file_are_refused_not_ignored(tmp_path):
         check_source(str(f), "dataset", SFTDataArgs(dataset=str(f), dataset_split="test"))
     with pytest.raises(ConfigError, match=r"^--eval_dataset_config: "):
         check_source(str(f), "eval_dataset", SFTDataArgs(eval_dataset=str(f), eval_dataset_config="x"))
+    with pytest.raises(ConfigError, match=r"^--eval_dataset_split: given without --eval_dataset$"):
+        check_source(None, "eval_dataset", SFTDataArgs(dataset=str(f), eval_dataset_split="test_sft"))
+    check_source(None, "eval_dataset", SFTDataArgs(dataset=str(f)))  # no --eval_dataset: --eval_split of --dataset
     with pytest.raises(ConfigError, match="dataset_split: must name a split"):
         SFTDataArgs(dataset_split=" ").validate()
 
