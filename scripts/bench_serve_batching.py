@@ -36,19 +36,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from coati_ray.serve.engine import BatchingEngine, Event, GenRequest  # noqa: E402
-
 ENGINES = ("continuous", "static", "hf-cb")
 PROMPTS = ["What is 2 + 3?", "小明有3个苹果，又买了5个。一共有多少个？",
            "Tell me a story about a cat who learns to fly.", "hello",
            "Explain why the sky is blue, step by step, for a child of six years old who asks a lot."]
 
 
-class StaticEngine(BatchingEngine):
-    """Admits requests only when no batch runs: the static batching the engine did before issue 19."""
+def static_engine(model, tokenizer, max_batch_size: int):
+    """The engine admitting requests only when no batch runs: the static batching it did before issue 19."""
+    from coati_ray.serve.engine import BatchingEngine
 
-    def _room(self) -> int:
-        return 0 if self._rows else self.max_batch_size
+    class StaticEngine(BatchingEngine):
+        def _room(self) -> int:
+            return 0 if self._rows else self.max_batch_size
+    return StaticEngine(model, tokenizer, max_batch_size)
 
 
 class HFContinuous:
@@ -66,12 +67,14 @@ class HFContinuous:
         self.mgr.start()
         threading.Thread(target=self._deliver, daemon=True).start()
 
-    def submit(self, req: GenRequest) -> None:
+    def submit(self, req) -> None:
         rid = f"r{next(self.ids)}"
         self.pending[rid] = req  # before add_request: the answer may come back before it returns
         self.mgr.add_request(req.prompt_ids, request_id=rid, max_new_tokens=req.max_tokens)
 
     def _deliver(self) -> None:
+        from coati_ray.serve.engine import Event
+
         while True:
             out = self.mgr.get_result(timeout=0.1)
             if out is None:
@@ -87,9 +90,11 @@ class HFContinuous:
 
 def ask(engine, prompt_ids: list[int], max_tokens: int) -> float:
     """Send one greedy request and wait for its end; its latency in seconds."""
+    from coati_ray.serve.engine import GenRequest
+
     done, t0 = threading.Event(), time.perf_counter()
 
-    def emit(ev: Event) -> None:
+    def emit(ev) -> None:
         if ev.finish_reason is not None:
             done.set()
     engine.submit(GenRequest(prompt_ids, max_tokens, emit, temperature=0))
@@ -120,11 +125,12 @@ def mid_batch(engine, prompts: list[list[int]]) -> float:
 
 def bench_model(path: str, levels: list[int], rounds: int, max_batch_size: int, max_tokens: list[int]) -> dict:
     from coati_ray.models.loading import load_causal_lm, load_tokenizer
+    from coati_ray.serve.engine import BatchingEngine
 
     tok = load_tokenizer(path)
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     engines = {"continuous": BatchingEngine(load_causal_lm(path), tok, max_batch_size),
-               "static": StaticEngine(load_causal_lm(path), tok, max_batch_size),
+               "static": static_engine(load_causal_lm(path), tok, max_batch_size),
                # its own copy: the manager switches the model to paged attention
                "hf-cb": HFContinuous(load_causal_lm(path), tok, max_batch_size)}
     for e in engines.values():  # warm-up
