@@ -79,7 +79,7 @@ def panels(runs: list[dict], demo: dict | None) -> list[tuple[str, dict[str, lis
     return out
 
 
-def _draw(shown: list, title: str, png: Path) -> None:
+def _draw(shown: list, title: str, png: Path, dpi: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -106,11 +106,11 @@ def _draw(shown: list, title: str, png: Path) -> None:
         ax.axis("off")
     fig.suptitle(title, fontsize=13)
     fig.tight_layout()
-    fig.savefig(png, dpi=100, metadata={"Title": title, "coati:panels": json.dumps([t for t, _ in shown])})
+    fig.savefig(png, dpi=dpi, metadata={"Title": title, "coati:panels": json.dumps([t for t, _ in shown])})
     plt.close(fig)
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+def write_report(run_dir: str | Path, dpi: int = 100) -> tuple[Path, Path]:
     """Write RUN_DIR/report.png and report.html; returns their paths."""
     path = Path(run_dir)
     runs, demo = load_runs(path)
@@ -120,7 +120,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     stages = " -> ".join(r["stage"] for r in runs)
     title = f"{stages}: {path.resolve().name}" + (f" (run {runs[0]['run_id']})" if len(runs) == 1 else "")
     png, page = path / "report.png", path / "report.html"
-    _draw(shown, title, png)
+    _draw(shown, title, png, dpi)
     rows = []
     for name, curves in shown:
         for key, pts in curves.items():

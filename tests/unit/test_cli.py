@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = sorted(p.name for p in (ROOT / "launchers").glob("*.py"))
 # a flag of each launcher that takes an int, for the bad-value case
 INT_FLAG = {"control.py": "--generators", "demo.py": "--trainers", "ppo_cluster.py": "--trainers",
-            "serve.py": "--port", "train_dpo.py": "--trainers", "train_reward_model.py": "--trainers",
+            "prometheus.py": "--port", "report.py": "--dpi", "serve.py": "--port", "train_dpo.py": "--trainers",
+            "train_reward_model.py": "--trainers",
             "train_sft.py": "--trainers"}
 
 
@@ -80,7 +81,8 @@ def test_the_coati_command_runs_every_launcher_by_name():
         assert sub.stdout.startswith(f"usage: coati {name} "), sub.stdout[:200]
     p = coati("trian")
     assert p.returncode == 2 and p.stderr.splitlines()[-1] == (
-        "coati: error: unknown command 'trian'; expected one of sft, rm, dpo, ppo, serve, demo, control")
+        "coati: error: unknown command 'trian'; expected one of sft, rm, dpo, ppo, serve, demo, control, report, "
+        "prometheus")
     p = coati("sft", "--max_stepz", "3")
     assert p.returncode == 2 and p.stderr.splitlines()[-1] == "coati sft: error: unrecognized arguments: --max_stepz 3"
 

@@ -57,6 +57,7 @@ ALLOWED = {
     "--generate": "ray get-auth-token --generate",
     "--tmux": "ray exec / ray attach --tmux",
     "--logdir": "tensorboard --logdir",
+    "--backend-store-uri": "mlflow ui --backend-store-uri (docs/stages.md, experiment tracking)",
     # ray start's port flags, in docs/cluster.md's table of what a cluster opens
     "--object-manager-port": "ray start", "--node-manager-port": "ray start",
     "--min": "ray start --min/max-worker-port", "--dashboard-agent-grpc-port": "ray start",

@@ -50,7 +50,8 @@ def test_a_ppo_run_report_has_every_ppo_panel_and_the_last_values(tmp_path):
 
 def test_a_grpo_run_without_a_critic_leaves_the_value_panel_out(tmp_path):
     fake_run(tmp_path / "grpo", "ppo", lambda s: {k: v for k, v in ppo_metrics(s).items() if not k.startswith("value")})
-    png, _ = report_main([str(tmp_path / "grpo")])
+    png, _ = report_main([str(tmp_path / "grpo"), "--dpi", "50"])
+    assert Image.open(png).size == (840, 320)  # 6 panels: 4 columns x 2 rows at 50 dpi
     assert "value loss" not in panels_of(png) and "clip fraction" in panels_of(png)
 
 
@@ -79,3 +80,5 @@ def test_a_directory_that_is_no_run_is_refused_with_what_was_expected(tmp_path):
         report_main([str(tmp_path / "bare")])
     with pytest.raises(ConfigError, match="give the run directory"):
         report_main([])
+    with pytest.raises(ConfigError, match=r"--dpi: must be in \[20, 600\], got 5"):
+        report_main([str(tmp_path / "bare"), "--dpi", "5"])
