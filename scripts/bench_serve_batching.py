@@ -63,7 +63,10 @@ class HFContinuous:
         self.tokenizer, self.pending, self.ids = tokenizer, {}, itertools.count()
         gen = GenerationConfig(do_sample=False, max_new_tokens=64, eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id)
-        self.mgr = model.init_continuous_batching(gen, ContinuousBatchingConfig(max_requests_per_batch=max_batch_size))
+        # Its KV cache is sized explicitly: left to itself on CPU it takes 60-90% of free RAM (13.6 GB here, and the
+        # kernel's OOM killer). 48 pages of 256 tokens hold 32 requests of this load with room to spare.
+        cfg = ContinuousBatchingConfig(max_requests_per_batch=max_batch_size, num_blocks=48, max_batch_tokens=2048)
+        self.mgr = model.init_continuous_batching(gen, cfg)
         self.mgr.start()
         threading.Thread(target=self._deliver, daemon=True).start()
 
