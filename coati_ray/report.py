@@ -36,8 +36,11 @@ DEMO_PARTS = ("sft", "rm", "dpo", "ppo")
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of the run's `tensorboard/` event files: key -> [(step, value)] in step order."""
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its INFO lines about reading files are not ours
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: sorted({e.step: e.value for e in acc.Scalars(tag)}.items()) for tag in acc.Tags()["scalars"]}

@@ -119,7 +119,8 @@ class Trackers:
 
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "coati_ray"), id=run_id,
                                      name=f"{stage}-{self.save.name}", job_type=stage, dir=str(self.save),
-                                     config=hp, resume="allow", reinit="create_new")
+                                     config=hp, resume="allow", reinit="create_new",
+                                     settings=wandb.Settings(silent=True))  # our lines say where the run is
         if "mlflow" in names:
             self._mlflow = self._start_mlflow(stage, run_id, hp)
         logger.info("metrics: %s", ", ".join(self.where()) or "no tracker (--report_to none)")
@@ -191,6 +192,10 @@ class Trackers:
         if self._tb:
             self._tb.close()
         if self._wandb is not None:
+            run_dir = Path(self._wandb.dir).parent
+            where = (f"offline in {run_dir}; upload it with `wandb sync {run_dir}`"
+                     if self._wandb.settings.mode == "offline" else self._wandb.url)
             self._wandb.finish()
+            logger.info("wandb run %s: %s", self._wandb.id, where)
         if self._mlflow is not None:
             self._mlflow.set_terminated(self.mlflow_run_id)
