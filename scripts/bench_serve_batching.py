@@ -194,9 +194,9 @@ def main() -> None:
                     print(f"| {c} | {e} | {m['requests_per_s']:.2f} | {m['p50_s']:.3f} | {m['p95_s']:.3f} |")
             print("| mid-batch arrival (8 tokens during a 64-token answer) | "
                   + " / ".join(f"{e} {res[e]['mid_batch_s']:.3f} s" for e in ENGINES) + " |\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))  # after each model: a long run keeps what it has
+            print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
