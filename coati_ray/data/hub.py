@@ -6,7 +6,8 @@ How a dataset flag's value is read (`resolve`):
     a directory written by save_to_disk       datasets.load_from_disk (it holds state.json, dataset_dict.json
                                               or dataset_info.json)
     a directory laid out as the Hub serves    a dataset repository (a README.md card whose YAML `configs:` name
-      a dataset repository                    data_files, data/*.parquet shards, or data files named by split):
+      a dataset repository                    data_files, or data/*.parquet shards; a bare directory of
+                                              files is refused):
                                               load_dataset(DIR, config, split=split)
     `org/name` that is no existing path       load_dataset("org/name", config, split=split): the Hub, or its
                                               local cache when HF_HUB_OFFLINE=1
@@ -31,7 +32,6 @@ from typing import Any
 from coati_ray.errors import ConfigError, DataError
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")  # a missing one of these is a file, not an id
-REPO_SUFFIXES = (*DATA_SUFFIXES, ".arrow", ".txt")  # the files datasets reads in a repository
 SAVED_MARKERS = ("state.json", "dataset_dict.json", "dataset_info.json")  # what save_to_disk writes
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the Hub spells repository ids
 
@@ -54,10 +54,11 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def is_repository(path: Path) -> bool:
-    """A directory as the Hub serves a dataset: a README.md card, a data/ folder, or data files at the top
-    (not any directory: datasets would read every data file under it)."""
-    return not is_saved_dataset(path) and ((path / "README.md").is_file() or (path / "data").is_dir() or any(
-        p.suffix.lower() in REPO_SUFFIXES for p in path.iterdir() if p.is_file()))
+    """A directory as the Hub serves a dataset: a README.md card or a data/ folder. Not a bare directory of
+    data files: datasets would parse every file under it with its own builders (numbers cast to a shared
+    type, CSV's NA read as missing), so such a directory stays refused (scripts/probe.py checks it) and a
+    file is read by our exact readers."""
+    return not is_saved_dataset(path) and ((path / "README.md").is_file() or (path / "data").is_dir())
 
 
 def resolve(value: str | Path, split: str = "train", config: str | None = None) -> HubRef | None:
