@@ -71,6 +71,8 @@ class _Row:
 
     def add(self, token: int, decode) -> None:
         """Take one sampled token; emit what is final; finish on EOS, a stop string or max tokens."""
+        if self.done:  # a finished row riding along in a batch that cannot drop rows (static batching)
+            return
         if token == self.eos:
             return self.finish(decode(self.ids), "stop")
         self.ids.append(token)
@@ -108,6 +110,10 @@ class BatchingEngine:
         self._mask = torch.zeros((0, 0), dtype=torch.long)  # (B, L) 1 = a real token, 0 = left padding
         self._next_pos = torch.zeros(0, dtype=torch.long)  # (B,) position of each row's next token
         self._last = torch.zeros(0, dtype=torch.long)  # (B,) each row's last sampled token, the next input
+        # False once the model's cache turns out to hold layers that cannot be cut and joined along L
+        # (sliding-window layers: Mistral, Gemma 2/3): the engine then batches statically, admitting
+        # requests only into an empty batch and keeping finished rows until the batch ends.
+        self.continuous = True
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.thread.start()
 
@@ -124,6 +130,8 @@ class BatchingEngine:
 
     def _room(self) -> int:
         """Rows that may join the running batch now."""
+        if self._rows and not self.continuous:
+            return 0
         return self.max_batch_size - len(self._rows)
 
     def _waiting(self) -> list[GenRequest]:
@@ -194,6 +202,11 @@ class BatchingEngine:
         last, next_pos = torch.tensor(tokens, device=self.device), mask.sum(-1)
         if not self._rows:
             self._cache, self._mask, self._next_pos, self._last = out.cache, mask, next_pos, last
+            if self.continuous and not joinable(out.cache):
+                self.continuous = False
+                logger.warning("the model's KV cache has %s layers, which cannot be cut and joined: batching "
+                               "statically (requests wait for the running batch to end)",
+                               sorted({type(layer).__name__ for layer in out.cache.layers}))
         else:  # left-pad the shorter cache so both end at the same column, then stack the rows
             L, n = self._mask.shape[1], mask.shape[1]
             self._cache, self._mask = _join(_pad_left(self._cache, self._mask, n - L),
@@ -226,6 +239,8 @@ class BatchingEngine:
             return
         if not keep:
             return self._clear()
+        if not self.continuous:  # finished rows stay (they sample nothing more) until the batch ends
+            return
         idx = torch.tensor(keep, device=self.device)
         self._rows = [self._rows[i] for i in keep]
         mask = self._mask[idx]
@@ -254,6 +269,11 @@ class BatchingEngine:
                 probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
             out.append(int(torch.multinomial(probs, 1, generator=row.gen)))
         return out
+
+
+def joinable(cache) -> bool:
+    """Whether every layer of the cache is a plain growing one (`_layers` can cut and join it)."""
+    return all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
 
 
 def _layers(cache) -> list:

@@ -129,3 +129,28 @@ def test_a_failed_prefill_answers_error_and_the_running_rows_go_on(engine, token
     text, reason = bad.result()
     assert reason == "error" and "IndexError" in text
     assert long.result() == Answer(engine, tokenizer, LONG, 60, temperature=0).result()  # as if alone
+
+
+def test_a_sliding_window_model_is_batched_statically_and_answers_every_request(tokenizer):
+    """Mistral's cache layers (DynamicSlidingWindowLayer) cannot be cut and joined: the engine says so once,
+    admits requests only into an empty batch and keeps finished rows until the batch ends, and nothing hangs."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, sliding_window=8,
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = MistralForCausalLM(cfg)
+    engine = BatchingEngine(model, tokenizer, max_batch_size=8)
+    long = Answer(engine, tokenizer, LONG, 40, temperature=0)
+    short = Answer(engine, tokenizer, "hello", 3, temperature=0)  # may join the first batch or wait for it
+    wait_for(lambda: engine.counters["steps"] >= 1, "the first decoding step")
+    late = Answer(engine, tokenizer, "What is 2 + 3?", 5, temperature=0)  # arrives mid-batch
+    alone = BatchingEngine(model, tokenizer, max_batch_size=8)  # the same weights, its own thread
+    expected = Answer(alone, tokenizer, "What is 2 + 3?", 5, temperature=0).result()
+    assert long.result()[1] in ("length", "stop") and short.result()[1] in ("length", "stop")
+    assert late.result() == expected  # the same greedy answer as alone
+    assert engine.continuous is False
+    assert late.finished_at >= long.finished_at  # static: it waited for the running batch to end
+    assert engine.stats()["queue_depth"] == 0
