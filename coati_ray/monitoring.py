@@ -48,10 +48,10 @@ def start_prometheus(sd_file: str | Path, data_dir: str | Path, port: int = 9090
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
     (data / "prometheus.yml").write_text(prometheus_config(sd_file, scrape_interval_s))
-    log = open(data / "prometheus.log", "wb")
-    proc = subprocess.Popen([prometheus_binary(), f"--config.file={data / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={data / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(data / "prometheus.log", "wb") as log:  # the child keeps its own copy of the file
+        proc = subprocess.Popen([prometheus_binary(), f"--config.file={data / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={data / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}/-/ready", time.monotonic() + 30
     while True:
         if proc.poll() is not None:
