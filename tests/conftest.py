@@ -40,6 +40,22 @@ def tokenizer(micro_model):
 
 
 @pytest.fixture(scope="session")
+def llama_h256(tokenizer, tmp_path_factory):
+    """A random bf16 llama of hidden size 256 (head size 64) with the micro tokenizer: the sizes that
+    vLLM's CPU kernels take their AMX and GPTQ paths for (our presets' 176 and 44 are not)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("llama_h256") / "l256"
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, dtype="bfloat16")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 

